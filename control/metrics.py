@@ -1,0 +1,108 @@
+"""Prometheus metrics, derived from the agent's status document.
+
+One source of truth: the agent already assembles a `/status` document (node,
+peers with counters and path, drops by reason, etcd state, engine and
+reconcile figures). A custom collector turns that document into metric
+families at scrape time, so no counter is kept twice and nothing per packet
+touches prometheus-client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector, CollectorRegistry
+
+StatusSource = Callable[[], Mapping[str, Any]]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_PEER_COUNTERS = (
+    ("tx_packets", "flannelette_peer_transmit_packets_total",
+     "Packets sent towards a peer subnet"),
+    ("rx_packets", "flannelette_peer_receive_packets_total",
+     "Packets received from a peer"),
+    ("tx_bytes", "flannelette_peer_transmit_bytes_total", "Bytes sent towards a peer subnet"),
+    ("rx_bytes", "flannelette_peer_receive_bytes_total", "Bytes received from a peer"),
+)
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+class StatusCollector(Collector):
+    """Collects metric families from a fresh status document at every scrape."""
+
+    def __init__(self, source: StatusSource) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        doc = self._source()
+        yield from peer_metrics(doc)
+        yield from node_metrics(doc)
+
+
+def peer_metrics(doc: Mapping[str, Any]) -> Iterator[Metric]:
+    """Per-peer traffic counters (labels: peer subnet, path) and the peer count by path."""
+    peers = doc.get("peers") or []
+    families = {key: CounterMetricFamily(name, text, labels=["peer_subnet", "path"])
+                for key, name, text in _PEER_COUNTERS}
+    by_path: dict[str, int] = {}
+    for peer in peers:
+        labels = [str(peer.get("subnet", "")), str(peer.get("path", ""))]
+        by_path[labels[1]] = by_path.get(labels[1], 0) + 1
+        for key, family in families.items():
+            family.add_metric(labels, _num(peer.get(key)))
+    yield from families.values()
+    count = GaugeMetricFamily("flannelette_peers", "Known peers by forwarding path",
+                              labels=["path"])
+    for path in ("vxlan", "direct", "unreachable"):
+        count.add_metric([path], by_path.get(path, 0))
+    yield count
+
+
+def node_metrics(doc: Mapping[str, Any]) -> Iterator[Metric]:
+    """Drops by reason, engine batch figures, lease expiry, etcd health, reconcile work."""
+    drops = CounterMetricFamily("flannelette_dropped_packets_total",
+                                "Packets dropped by the dataplane, by reason", labels=["reason"])
+    for reason, count in sorted((doc.get("drops") or {}).items()):
+        drops.add_metric([str(reason)], _num(count))
+    yield drops
+
+    engine: Mapping[str, Any] = doc.get("engine") or {}
+    for key, value in sorted(engine.items()):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield GaugeMetricFamily(f"flannelette_engine_{key}",
+                                    f"Engine figure {key} (see docs/operations.md)", value=value)
+
+    etcd: Mapping[str, Any] = doc.get("etcd") or {}
+    yield GaugeMetricFamily("flannelette_etcd_up", "1 when the registry answers, else 0",
+                            value=1.0 if etcd.get("connected") else 0.0)
+    yield CounterMetricFamily("flannelette_etcd_reconnects_total",
+                              "Times the registry connection was lost and regained",
+                              value=_num(etcd.get("reconnects")))
+    expires = etcd.get("lease_expires_at")
+    if isinstance(expires, (int, float)):
+        yield GaugeMetricFamily("flannelette_lease_expiry_timestamp_seconds",
+                                "When our subnet lease expires (Unix time)", value=expires)
+
+    reconcile: Mapping[str, Any] = doc.get("reconcile") or {}
+    ops = CounterMetricFamily("flannelette_reconcile_operations_total",
+                              "Route operations applied by the reconciler", labels=["op"])
+    for op, count in sorted((reconcile.get("operations") or {}).items()):
+        ops.add_metric([str(op)], _num(count))
+    yield ops
+
+
+def render(source: StatusSource) -> bytes:
+    """The Prometheus text exposition of one status document."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatusCollector(source))
+    return generate_latest(registry)
