@@ -1,0 +1,248 @@
+"""`flannelette bench`: every dataplane mode side by side, same topology, same traffic.
+
+For each mode a fresh, identical lab is built (see :mod:`benchmarks.modes`), the
+mode is set up, connectivity is checked, then: warm-up, ping RTTs, iperf3 TCP with
+1 and 4 streams (repeated, interleaved), and a zero-loss UDP packet-rate search
+per payload size. Afterwards the control plane is measured at scale
+(:mod:`benchmarks.scale`). The results go to ``--out`` as JSON (the source of
+truth), a Markdown table and a PNG plot; the headline is each mode's ratio to the
+kernel VXLAN mode of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from benchmarks import report, traffic
+from benchmarks.lab import Lab, LabError
+from benchmarks.modes import Mode, ModeUnavailable, all_modes, build_pair
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much traffic to run per mode."""
+
+    reps: int
+    warmup_seconds: int
+    tcp_seconds: int
+    udp_trial_seconds: int
+    udp_max_trials: int
+    udp_tolerance: float
+    udp_loss_limit_percent: float
+    ping_count: int
+    ping_interval_s: float
+    payloads: tuple[int, ...] = report.PAYLOADS
+    streams: tuple[int, ...] = report.STREAMS
+
+
+QUICK = Plan(reps=1, warmup_seconds=1, tcp_seconds=1, udp_trial_seconds=1, udp_max_trials=6,
+             udp_tolerance=0.3, udp_loss_limit_percent=1.0, ping_count=50,
+             ping_interval_s=0.01)
+FULL = Plan(reps=3, warmup_seconds=3, tcp_seconds=8, udp_trial_seconds=2, udp_max_trials=8,
+            udp_tolerance=0.1, udp_loss_limit_percent=1.0, ping_count=300,
+            ping_interval_s=0.01)
+
+
+class BenchError(RuntimeError):
+    """A bad flag or a missing tool: one clear message, no traceback."""
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    model = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    iperf = subprocess.run(["iperf3", "--version"], capture_output=True, text=True,
+                           timeout=10).stdout.splitlines()
+    return {"cpu_model": model, "cores": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version(), "iperf3": iperf[0] if iperf else "?",
+            "loadavg_at_start": os.getloadavg()[0]}
+
+
+def _per_gbit(secs: float, nbytes: int) -> float:
+    gbit = nbytes * 8 / 1e9
+    return secs / gbit if gbit > 0 else 0.0
+
+
+def measure(pair_lab: Lab, mode: Mode, plan: Plan, log: Any, log_dir: str) -> dict[str, Any]:
+    """Set ``mode`` up in ``pair_lab`` and run all traffic against it."""
+    entry: dict[str, Any] = {"name": mode.name, "description": mode.description}
+    t0 = time.monotonic()
+    pair = build_pair(pair_lab, log_dir, mode.name)
+    procs = mode.setup(pair)
+    if not pair_lab.wait_ping(pair.client_ns, pair.server_ip, deadline=30.0):
+        raise traffic.TrafficError(f"no ping from {pair.client_ns} to {pair.server_ip} "
+                                   "within 30 s after setup")
+    entry["setup_seconds"] = time.monotonic() - t0
+    sessions = [p.pid for p in procs]
+    traffic.start_iperf_server(pair_lab, pair.server_ns, pair.server_ip)
+
+    def tcp(streams: int, seconds: int) -> traffic.TcpRun:
+        return traffic.iperf_tcp(pair_lab, pair.client_ns, pair.server_ip, streams=streams,
+                                 seconds=seconds, dataplane_sessions=sessions)
+
+    log(f"  {mode.name}: warm-up {plan.warmup_seconds} s")
+    tcp(1, plan.warmup_seconds)
+
+    rtts = traffic.ping_rtts(pair_lab, pair.client_ns, pair.server_ip, count=plan.ping_count,
+                             interval=plan.ping_interval_s)
+    entry["ping"] = {"sent": plan.ping_count, "received": len(rtts),
+                     "p50_ms": report.percentile(rtts, 50) if rtts else None,
+                     "p99_ms": report.percentile(rtts, 99) if rtts else None}
+    log(f"  {mode.name}: ping p50 {entry['ping']['p50_ms']} ms")
+
+    runs: dict[int, list[traffic.TcpRun]] = {s: [] for s in plan.streams}
+    for _ in range(plan.reps):
+        for s in plan.streams:
+            runs[s].append(tcp(s, plan.tcp_seconds))
+            log(f"  {mode.name}: TCP x{s} {runs[s][-1].gbps:.2f} Gbit/s")
+    entry["tcp"] = {}
+    for s, rs in runs.items():
+        entry["tcp"][str(s)] = {
+            "gbps": report.summarize(r.gbps for r in rs),
+            "bytes_total": sum(r.bytes for r in rs),
+            "retransmits": [r.retransmits for r in rs],
+            "cpu_s_per_gbit": {
+                "attributable": mode.userspace,
+                "user": report.summarize(_per_gbit(r.dataplane_cpu.user, r.bytes) for r in rs),
+                "system": report.summarize(_per_gbit(r.dataplane_cpu.system, r.bytes)
+                                           for r in rs)},
+            "host_cpu_s_per_gbit": {
+                k: report.summarize(_per_gbit(getattr(r.host_cpu, k), r.bytes) for r in rs)
+                for k in ("user", "system", "softirq")},
+        }
+
+    entry["udp"] = {}
+    for payload in plan.payloads:
+        search = traffic.RateSearch(loss_limit=plan.udp_loss_limit_percent,
+                                    tolerance=plan.udp_tolerance,
+                                    max_trials=plan.udp_max_trials)
+
+        def trial(pps: float, payload: int = payload) -> traffic.UdpTrial:
+            return traffic.iperf_udp(pair_lab, pair.client_ns, pair.server_ip,
+                                     payload=payload, pps=pps, seconds=plan.udp_trial_seconds)
+
+        traffic.udp_rate_search(trial, search)
+        entry["udp"][str(payload)] = {
+            "pps": search.best_pps if search.best_pps > 0 else None,
+            "converged": search.converged, "sender_limited": search.sender_limited,
+            "highest_passing_offered_pps": search.lo, "lowest_failing_offered_pps": search.hi,
+            "trials": [asdict(t) for t in search.trials]}
+        log(f"  {mode.name}: UDP {payload} B {search.best_pps:.0f} pps "
+            f"({len(search.trials)} trials, converged={search.converged})")
+
+    dead = [p for p in procs if p.poll() is not None]
+    if dead:
+        raise traffic.TrafficError(f"dataplane process {dead[0].pid} exited during the run "
+                                   f"with {dead[0].returncode}")
+    entry["status"] = "ok"
+    return entry
+
+
+def run_mode(mode: Mode, plan: Plan, log: Any, log_dir: str) -> dict[str, Any]:
+    """One mode in its own lab; failures become a status in the report, not a crash."""
+    try:
+        with Lab() as lab:
+            return measure(lab, mode, plan, log, log_dir)
+    except ModeUnavailable as e:
+        return {"name": mode.name, "description": mode.description, "status": "not_done",
+                "reason": str(e)}
+    except (traffic.TrafficError, LabError, subprocess.TimeoutExpired, OSError) as e:
+        return {"name": mode.name, "description": mode.description, "status": "failed",
+                "reason": str(e)}
+    except Exception as e:  # a mode's own setup code failing must not end the whole run
+        return {"name": mode.name, "description": mode.description, "status": "failed",
+                "reason": f"{type(e).__name__}: {e}"}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="flannelette bench", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="a few seconds per mode (CI); numbers are indicative only")
+    p.add_argument("--out", default="bench-results", help="output directory (default %(default)s)")
+    p.add_argument("--modes", default="",
+                   help="comma-separated mode names to run (default: all); see --list")
+    p.add_argument("--list", action="store_true", help="list the modes and exit")
+    p.add_argument("--reps", type=int, default=0, help="repetitions (default 1 quick, 3 full)")
+    p.add_argument("--tcp-seconds", type=int, default=0, help="length of each iperf3 TCP run")
+    p.add_argument("--no-scale", action="store_true", help="skip the control-plane scale part")
+    p.add_argument("--scale-leases", default="",
+                   help="comma-separated lease counts (default 1000,5000; quick 100)")
+    return p.parse_args(argv)
+
+
+def _check_environment() -> None:
+    if os.geteuid() != 0:
+        raise BenchError("needs root (network namespaces, TUN devices, routes)")
+    for tool in ("ip", "iperf3", "ping", "ss"):
+        if shutil.which(tool) is None:
+            raise BenchError(f"{tool} is not installed (run `bash scripts/quickstart.sh setup`)")
+
+
+def main(argv: list[str]) -> int:
+    """Run the benchmark; 0 when every mode that exists measured, 1 when one failed."""
+    args = parse_args(argv)
+    modes = all_modes()
+    if args.list:
+        for m in modes:
+            print(f"{m.name:<24} {m.description}")
+        return 0
+    try:
+        if args.modes:
+            wanted = [x.strip() for x in args.modes.split(",") if x.strip()]
+            unknown = sorted(set(wanted) - {m.name for m in modes})
+            if unknown:
+                raise BenchError(f"unknown mode(s) {', '.join(unknown)}; "
+                                 f"known: {', '.join(m.name for m in modes)}")
+            modes = [m for m in modes if m.name in wanted]
+        if args.reps < 0 or args.tcp_seconds < 0:
+            raise BenchError("--reps and --tcp-seconds must be positive")
+        _check_environment()
+    except BenchError as e:
+        print(f"flannelette bench: {e}", file=sys.stderr)
+        return 2
+    plan = QUICK if args.quick else FULL
+    if args.reps:
+        plan = Plan(**{**asdict(plan), "reps": args.reps})
+    if args.tcp_seconds:
+        plan = Plan(**{**asdict(plan), "tcp_seconds": args.tcp_seconds})
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    doc: dict[str, Any] = {
+        "schema": report.SCHEMA, "quick": args.quick,
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(), "method": asdict(plan), "modes": []}
+    for mode in modes:
+        log(f"== {mode.name}: {mode.description}")
+        entry = run_mode(mode, plan, log, os.path.join(args.out, "logs"))
+        if entry["status"] != "ok":
+            log(f"  {mode.name}: {entry['status']}: {entry['reason']}")
+        doc["modes"].append(entry)
+    if not args.no_scale:
+        from benchmarks import scale
+
+        doc["scale"] = scale.run(args.scale_leases, quick=args.quick, log=log)
+    doc["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    report.finalize(doc)
+    paths = report.write_all(doc, args.out)
+    print(report.markdown(doc))
+    print(report.headline_text(doc))
+    print(f"\nresults: {paths['json']}, {paths['md']}, {paths['png']}")
+    return 1 if any(m["status"] == "failed" for m in doc["modes"]) else 0

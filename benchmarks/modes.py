@@ -1,0 +1,187 @@
+"""The dataplane modes the benchmark compares, each set up on the same two-host topology.
+
+Topology (built fresh and identically for every mode, so no state leaks between
+modes): hosts h1 and h2 on one L2 segment 10.10.1.0/24, a container behind each
+(10.244.1.2 and 10.244.2.2). Traffic always runs container to container,
+h1's container to h2's, so every mode forwards through both hosts.
+
+A mode's ``setup`` configures the hosts and returns the dataplane processes it
+started (for CPU accounting; none for kernel-only modes). A mode whose code has
+not landed in the tree raises :class:`ModeUnavailable`; the report then says
+"not done" for it instead of inventing numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.lab import Host, Lab
+
+SEGMENT = "10.10.1.0/24"
+SUBNETS = ("10.244.1.0/24", "10.244.2.0/24")
+NETWORK = "10.244.0.0/16"
+VNI = 1
+VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+
+
+class ModeUnavailable(Exception):
+    """The code this mode needs is not in the tree (yet); the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """The benchmark topology: a client host and a server host, each with a container."""
+
+    lab: Lab
+    client: Host
+    server: Host
+    log_dir: str = ""  # where dataplane processes write their output ("" = discard)
+    mode: str = ""
+
+    def popen_logged(self, host: Host, *argv: str) -> subprocess.Popen[Any]:
+        """Start ``argv`` in ``host``'s namespace, output to ``<log_dir>/<mode>-<host>.log``."""
+        if not self.log_dir:
+            return self.lab.popen(host.ns, *argv, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        os.makedirs(self.log_dir, exist_ok=True)
+        path = os.path.join(self.log_dir, f"{self.mode or 'mode'}-{host.name}.log")
+        with open(path, "ab") as log:  # Popen keeps its own descriptor
+            return self.lab.popen(host.ns, *argv, stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def client_ns(self) -> str:
+        assert self.client.container_ns is not None
+        return self.client.container_ns
+
+    @property
+    def server_ns(self) -> str:
+        assert self.server.container_ns is not None
+        return self.server.container_ns
+
+    @property
+    def server_ip(self) -> str:
+        return str(self.server.container_ip)
+
+
+def build_pair(lab: Lab, log_dir: str = "", mode: str = "") -> Pair:
+    """Two hosts on one segment with a container each (identical for every mode)."""
+    lab.add_segment("A", SEGMENT)
+    h1 = lab.add_host("h1", "A", SUBNETS[0])
+    h2 = lab.add_host("h2", "A", SUBNETS[1])
+    return Pair(lab, h1, h2, log_dir, mode)
+
+
+Setup = Callable[[Pair], list[subprocess.Popen[Any]]]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One way of carrying container traffic between the two hosts."""
+
+    name: str
+    description: str
+    setup: Setup
+    userspace: bool  # True: the dataplane's CPU is in processes we can account
+
+
+# ---- host-gw: plain routes, the limit -------------------------------------------------
+def setup_host_gw(pair: Pair) -> list[subprocess.Popen[Any]]:
+    """Flannel's host-gw: each host routes the peer's subnet via the peer's address."""
+    for a, b in ((pair.client, pair.server), (pair.server, pair.client)):
+        pair.lab.ip(a.ns, "route", "replace", str(b.subnet), "via", str(b.ip), "dev", a.iface)
+    return []
+
+
+# ---- kernel VXLAN as flannel configures it: the anchor --------------------------------
+def _module(name: str, what: str) -> Any:
+    if importlib.util.find_spec(name) is None:
+        raise ModeUnavailable(f"{name} ({what}) is not in the tree yet")
+    return importlib.import_module(name)
+
+
+def setup_kernel_vxlan(pair: Pair) -> list[subprocess.Popen[Any]]:
+    """flannel.1 devices with neighbour, FDB and onlink routes, by benchmarks.kernel_vxlan."""
+    kv = _module("benchmarks.kernel_vxlan", "flannel-style kernel VXLAN setup")
+    devs = [(h, kv.KernelVxlan.create(h.ns, subnet=str(h.subnet), public_ip=str(h.ip), vni=VNI,
+                                      dev=h.iface, mac=vtep_mac(h)))
+            for h in (pair.client, pair.server)]
+    for (_, dev), (peer, peer_dev) in ((devs[0], devs[1]), (devs[1], devs[0])):
+        dev.add_peer(str(peer.subnet), str(peer.ip), peer_dev.mac)
+    return []
+
+
+# ---- flannelette's userspace engine ---------------------------------------------------
+def engine_options() -> dict[str, list[str]]:
+    """The option axes the standalone engine offers (from its --help): loop, offload."""
+    if importlib.util.find_spec("dataplane.standalone") is None:
+        return {}
+    res = subprocess.run([sys.executable, "-m", "control.cli", "engine", "--help"],
+                         capture_output=True, text=True, timeout=30)
+    text = res.stdout
+    axes: dict[str, list[str]] = {}
+    if "--loop" in text:
+        axes["loop"] = [x for x in ("asyncio", "uvloop") if x in text]
+    if "--offload" in text:
+        axes["offload"] = ["on", "off"]
+    return axes
+
+
+def vtep_mac(host: Host) -> str:
+    """A fixed, locally administered unicast VtepMAC per host (02:fl:…:<last octet>)."""
+    return f"02:f1:00:00:00:{int(host.ip) & 0xFF:02x}"
+
+
+def setup_engine(pair: Pair, extra: list[str]) -> list[subprocess.Popen[Any]]:
+    """`flannelette engine` on both hosts with each other as static peer.
+
+    The standalone engine installs its own routes (peer subnet into the TUN).
+    """
+    _module("dataplane.standalone", "the standalone engine runner")
+    mtu = pair.lab.mtu - VXLAN_OVERHEAD
+    procs = []
+    for me, peer in ((pair.client, pair.server), (pair.server, pair.client)):
+        argv = [sys.executable, "-m", "control.cli", "engine", "--subnet", str(me.subnet),
+                "--public-ip", str(me.ip), "--vtep-mac", vtep_mac(me), "--vni", str(VNI),
+                "--mtu", str(mtu), "--peer", f"{peer.subnet},{peer.ip},{vtep_mac(peer)}",
+                *extra]
+        procs.append(pair.popen_logged(me, *argv))
+    return procs
+
+
+def setup_direct_routing(pair: Pair) -> list[subprocess.Popen[Any]]:
+    """Two `flannelette run` agents, vxlan backend with DirectRouting, via a real etcd."""
+    _module("benchmarks.cluster", "etcd + agents in the lab")
+    raise ModeUnavailable("DirectRouting wiring pending")
+
+
+def all_modes() -> list[Mode]:
+    """Every mode, in report order: the limit, the anchor, then flannelette's variants."""
+    modes = [
+        Mode("host-gw", "plain routes via the peer host (flannel host-gw): the limit",
+             setup_host_gw, False),
+        Mode("kernel-vxlan", "Linux VXLAN device flannel.1 configured as flannel does: "
+             "the anchor", setup_kernel_vxlan, False),
+    ]
+    axes = engine_options()
+    loops = axes.get("loop") or ["default"]
+    offloads = axes.get("offload") or [""]
+    for loop in loops:
+        for off in offloads:
+            extra = [] if loop == "default" else ["--loop", loop]
+            name = "fl-" + loop
+            if off:
+                extra += ["--offload", off]
+                name += f"-offload-{off}"
+            modes.append(Mode(name, f"flannelette userspace VXLAN engine ({' '.join(extra)})",
+                              functools.partial(setup_engine, extra=extra), True))
+    modes.append(Mode("fl-directrouting", "flannelette agents, vxlan backend with "
+                      "DirectRouting on a same-segment pair", setup_direct_routing, True))
+    return modes
