@@ -1,0 +1,201 @@
+"""The Registry over etcd's v2 API, through python-etcd.
+
+python-etcd is synchronous: every call runs in a worker thread
+(``asyncio.to_thread``) with a finite timeout, so the event loop and the
+packet engine never wait on etcd. Watch: ``waitIndex`` cursor; etcd's error
+401 (EventIndexCleared) becomes ResyncRequired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import re
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import etcd
+import urllib3.exceptions
+
+from control.errors import RegistryError, RegistryUnavailable, ResyncRequired
+from control.lease import RawLease, parse_key, subnet_key, subnets_dir
+from control.registry import EtcdOptions, LeaseSnapshot, WatchBatch, WatchEvent
+
+T = TypeVar("T")
+_REMOVED = frozenset({"delete", "expire", "compareAndDelete"})
+# Anything etcd or the HTTP layer throws at us (refused, timed out, raft busy) is
+# "etcd is away": the caller backs off and retries.
+_CONNECTION_ERRORS = (etcd.EtcdException, urllib3.exceptions.HTTPError, OSError)
+
+
+def parse_expiration(text: str | None) -> float | None:
+    """etcd's RFC 3339 expiry with nanoseconds -> unix seconds."""
+    if not text:
+        return None
+    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)$", text)
+    if m is None:
+        return None
+    frac = (m.group(2) or ".0")[:7]
+    tz = "+00:00" if m.group(3) == "Z" else m.group(3)
+    return datetime.datetime.fromisoformat(f"{m.group(1)}{frac}{tz}").timestamp()
+
+
+class EtcdV2Registry:
+    """Leases and config in etcd's v2 key space."""
+
+    api = "v2"
+
+    def __init__(self, options: EtcdOptions) -> None:
+        self._options = options
+        self._hosts = options.hosts()
+        self._current = 0
+        self._clients: dict[tuple[int, float], etcd.Client] = {}
+
+    # ---- plumbing ------------------------------------------------------------------------
+    def _client(self, read_timeout: float) -> etcd.Client:
+        """One client per (endpoint, timeout): the watch's long timeout stays separate."""
+        key = (self._current, read_timeout)
+        client = self._clients.get(key)
+        if client is None:
+            scheme, host, port = self._hosts[self._current]
+            o = self._options
+            cert: tuple[str, str] | str | None = None
+            if o.certfile and o.keyfile:
+                cert = (o.certfile, o.keyfile)
+            elif o.certfile:
+                cert = o.certfile
+            client = etcd.Client(
+                host=host, port=port, protocol=scheme, read_timeout=read_timeout,
+                cert=cert, ca_cert=o.cafile or None, username=o.username or None,
+                password=o.password or None, allow_reconnect=False)
+            self._clients[key] = client
+        return client
+
+    async def _call(self, fn: Callable[[etcd.Client], T], timeout: float | None = None) -> T:
+        """Run ``fn(client)`` in a thread; connection trouble -> RegistryUnavailable
+        (and the next call tries the next endpoint)."""
+        read_timeout = self._options.timeout if timeout is None else timeout
+
+        def run() -> T:
+            return fn(self._client(read_timeout))
+        try:
+            return await asyncio.to_thread(run)
+        except _CONNECTION_ERRORS as exc:
+            self._current = (self._current + 1) % len(self._hosts)
+            raise RegistryUnavailable(f"etcd v2 at {self._endpoint()}: {exc}") from None
+
+    def _endpoint(self) -> str:
+        scheme, host, port = self._hosts[self._current]
+        return f"{scheme}://{host}:{port}"
+
+    def _key(self, subnet: ipaddress.IPv4Network) -> str:
+        return subnet_key(self._options.prefix, subnet)
+
+    # ---- Registry ------------------------------------------------------------------------
+    async def get_config(self) -> str | None:
+        key = f"{self._options.prefix.rstrip('/')}/config"
+
+        def read(c: etcd.Client) -> str | None:
+            try:
+                return str(c.read(key).value)
+            except etcd.EtcdKeyNotFound:
+                return None
+            except etcd.EtcdException as exc:
+                if "404" in str(exc) or "Not Found" in str(exc):
+                    raise RegistryError("this etcd does not serve the v2 API "
+                                        "(start it with --enable-v2=true)") from None
+                raise RegistryError(f"reading {key}: {exc}") from None
+        return await self._call(read)
+
+    async def list_leases(self) -> LeaseSnapshot:
+        directory = subnets_dir(self._options.prefix)
+
+        def read(c: etcd.Client) -> LeaseSnapshot:
+            try:
+                res = c.read(directory, recursive=True)
+            except etcd.EtcdKeyNotFound:
+                # No lease yet: the cursor is the index of any read.
+                idx = c.read("/", recursive=False).etcd_index
+                return LeaseSnapshot((), int(idx))
+            leases = []
+            for node in res.leaves:
+                if node.dir or node.key == directory:
+                    continue
+                subnet = parse_key(node.key)
+                if subnet is None or node.value is None:
+                    continue
+                leases.append(RawLease(subnet, str(node.value), parse_expiration(node.expiration)))
+            return LeaseSnapshot(tuple(leases), int(res.etcd_index))
+        return await self._call(read)
+
+    async def create_lease(self, subnet: ipaddress.IPv4Network, value: str, ttl: int
+                           ) -> float | None:
+        key = self._key(subnet)
+
+        def write(c: etcd.Client) -> float | None:
+            try:
+                res = c.write(key, value, ttl=ttl, prevExist=False)
+            except etcd.EtcdAlreadyExist:
+                return None
+            return parse_expiration(res.expiration) or time.time() + ttl
+        return await self._call(write)
+
+    async def put_lease(self, subnet: ipaddress.IPv4Network, value: str, ttl: int) -> float:
+        key = self._key(subnet)
+
+        def write(c: etcd.Client) -> float:
+            res = c.write(key, value, ttl=ttl)
+            return parse_expiration(res.expiration) or time.time() + ttl
+        return await self._call(write)
+
+    async def renew_lease(self, subnet: ipaddress.IPv4Network, value: str, ttl: int
+                          ) -> float | None:
+        key = self._key(subnet)
+
+        def write(c: etcd.Client) -> float | None:
+            try:
+                res = c.write(key, value, ttl=ttl, prevValue=value)
+            except (etcd.EtcdKeyNotFound, etcd.EtcdCompareFailed):
+                return None
+            return parse_expiration(res.expiration) or time.time() + ttl
+        return await self._call(write)
+
+    async def delete_lease(self, subnet: ipaddress.IPv4Network) -> None:
+        key = self._key(subnet)
+
+        def delete(c: etcd.Client) -> None:
+            with contextlib.suppress(etcd.EtcdKeyNotFound):
+                c.delete(key)
+        await self._call(delete)
+
+    async def watch_leases(self, cursor: int, timeout: float) -> WatchBatch:
+        directory = subnets_dir(self._options.prefix)
+
+        def wait(c: etcd.Client) -> WatchBatch:
+            try:
+                res: Any = c.read(directory, wait=True, recursive=True, waitIndex=cursor + 1,
+                                  timeout=timeout)
+            except etcd.EtcdWatchTimedOut:
+                return WatchBatch((), cursor)
+            except etcd.EtcdEventIndexCleared as exc:
+                raise ResyncRequired(f"etcd v2 event index {cursor + 1} cleared: {exc}"
+                                     ) from None
+            index = int(res.modifiedIndex)
+            subnet = parse_key(str(res.key))
+            if subnet is None or res.dir:
+                return WatchBatch((), index)
+            if res.action in _REMOVED:
+                return WatchBatch((WatchEvent(subnet, None),), index)
+            return WatchBatch((WatchEvent(subnet, str(res.value),
+                                          parse_expiration(res.expiration)),), index)
+        return await self._call(wait, timeout=timeout + self._options.timeout)
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            pool = getattr(client, "http", None)
+            if pool is not None:
+                pool.clear()
+        self._clients.clear()

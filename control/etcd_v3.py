@@ -1,0 +1,226 @@
+"""The Registry over etcd's v3 API, through aetcd (asyncio, gRPC).
+
+Leases as flannel >= 0.18 writes them: grant an etcd lease, then a transaction
+``If(Version(key) == 0) Then(Put(key, value, lease))``; renewal grants a fresh
+lease and rewrites the value (only while the key still holds our value). The
+watch keeps one stream open from ``cursor + 1`` and hands out what arrived
+within the timeout; compaction becomes ResyncRequired. Any other error drops
+the client; the next call connects afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import time
+from typing import Any
+
+import aetcd
+import aetcd.exceptions
+import aetcd.rtypes
+
+from control.errors import FlagError, RegistryUnavailable, ResyncRequired
+from control.lease import RawLease, parse_key, subnet_key, subnets_dir
+from control.registry import EtcdOptions, LeaseSnapshot, WatchBatch, WatchEvent
+
+_END = object()  # the watch stream ended
+
+
+class _Stream:
+    """One open watch: a task pumping aetcd's iterator into a queue we can wait on."""
+
+    def __init__(self, watch: Any, start: int) -> None:
+        self.watch = watch
+        self.start = start
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._pump())
+
+    async def _pump(self) -> None:
+        try:
+            async for event in self.watch:
+                self.queue.put_nowait(event)
+        except Exception as exc:
+            self.queue.put_nowait(exc)
+        self.queue.put_nowait(_END)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.watch.cancel(), 2.0)
+        self.task.cancel()
+        with contextlib.suppress(BaseException):
+            await self.task
+
+
+class EtcdV3Registry:
+    """Leases and config in etcd's v3 key space."""
+
+    api = "v3"
+
+    def __init__(self, options: EtcdOptions) -> None:
+        if options.tls:
+            raise FlagError("TLS to etcd (--etcd-cafile/--etcd-certfile/--etcd-keyfile, "
+                            "https:// endpoints) is supported with --etcd-api v2 only for now")
+        self._options = options
+        self._hosts = options.hosts()
+        self._current = 0
+        self._client: aetcd.Client | None = None
+        self._stream: _Stream | None = None
+        self._prefix = subnets_dir(options.prefix).encode() + b"/"
+
+    async def _connect(self) -> aetcd.Client:
+        if self._client is None:
+            _, host, port = self._hosts[self._current]
+            o = self._options
+            client = aetcd.Client(host=host, port=port, username=o.username or None,
+                                  password=o.password or None, timeout=o.timeout,
+                                  connect_wait_timeout=o.timeout)
+            self._client = client
+        return self._client
+
+    async def _drop(self) -> None:
+        """Forget the client and the stream (after an error); the next call reconnects."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.close()
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), 2.0)
+        self._current = (self._current + 1) % len(self._hosts)
+
+    def _unavailable(self, exc: BaseException) -> RegistryUnavailable:
+        _, host, port = self._hosts[self._current]
+        return RegistryUnavailable(f"etcd v3 at {host}:{port}: {exc or type(exc).__name__}")
+
+    def _key(self, subnet: ipaddress.IPv4Network) -> bytes:
+        return subnet_key(self._options.prefix, subnet).encode()
+
+    async def _guard(self, coro: Any) -> Any:
+        """Await an aetcd call with a deadline; any failure -> RegistryUnavailable."""
+        try:
+            return await asyncio.wait_for(coro, self._options.timeout + 1.0)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            err = self._unavailable(exc)
+            await self._drop()
+            raise err from None
+
+    # ---- Registry ------------------------------------------------------------------------
+    async def get_config(self) -> str | None:
+        key = f"{self._options.prefix.rstrip('/')}/config".encode()
+        client = await self._connect()
+        res = await self._guard(client.get(key))
+        return None if res is None else bytes(res.value).decode("utf-8", "replace")
+
+    async def list_leases(self) -> LeaseSnapshot:
+        client = await self._connect()
+        res = await self._guard(client.get_prefix(self._prefix))
+        leases = []
+        for kv in res.kvs:
+            subnet = parse_key(bytes(kv.key).decode("utf-8", "replace"))
+            if subnet is not None:
+                leases.append(RawLease(subnet, bytes(kv.value).decode("utf-8", "replace")))
+        return LeaseSnapshot(tuple(leases), int(res.header.revision))
+
+    async def _put_if(self, key: bytes, compare: Any, value: str, ttl: int) -> float | None:
+        client = await self._connect()
+        lease = await self._guard(client.lease(ttl))
+        ok, _ = await self._guard(client.transaction(
+            compare=[compare], success=[client.transactions.put(key, value.encode(),
+                                                                 lease=lease.id)],
+            failure=[]))
+        if not ok:
+            with contextlib.suppress(RegistryUnavailable):
+                await self._guard(client.revoke_lease(lease.id))
+            return None
+        return time.time() + int(lease.ttl)
+
+    async def create_lease(self, subnet: ipaddress.IPv4Network, value: str, ttl: int
+                           ) -> float | None:
+        key = self._key(subnet)
+        client = await self._connect()
+        return await self._put_if(key, client.transactions.version(key) == 0, value, ttl)
+
+    async def put_lease(self, subnet: ipaddress.IPv4Network, value: str, ttl: int) -> float:
+        client = await self._connect()
+        lease = await self._guard(client.lease(ttl))
+        await self._guard(client.put(self._key(subnet), value.encode(), lease=lease.id))
+        return time.time() + int(lease.ttl)
+
+    async def renew_lease(self, subnet: ipaddress.IPv4Network, value: str, ttl: int
+                          ) -> float | None:
+        key = self._key(subnet)
+        client = await self._connect()
+        return await self._put_if(key, client.transactions.value(key) == value.encode(),
+                                  value, ttl)
+
+    async def delete_lease(self, subnet: ipaddress.IPv4Network) -> None:
+        client = await self._connect()
+        await self._guard(client.delete(self._key(subnet)))
+
+    async def watch_leases(self, cursor: int, timeout: float) -> WatchBatch:
+        stream = self._stream
+        if stream is None or stream.start > cursor + 1:
+            if stream is not None:
+                await stream.close()
+            client = await self._connect()
+            try:
+                watch = await asyncio.wait_for(
+                    client.watch_prefix(self._prefix, start_revision=cursor + 1),
+                    self._options.timeout + 1.0)
+            except aetcd.exceptions.RevisionCompactedError as exc:
+                raise ResyncRequired(f"etcd v3 revision {cursor + 1} compacted: {exc}"
+                                     ) from None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                err = self._unavailable(exc)
+                await self._drop()
+                raise err from None
+            stream = self._stream = _Stream(watch, cursor + 1)
+        items: list[Any] = []
+        try:
+            items.append(await asyncio.wait_for(stream.queue.get(), timeout))
+        except TimeoutError:
+            return WatchBatch((), cursor)
+        while not stream.queue.empty():
+            items.append(stream.queue.get_nowait())
+        events: list[WatchEvent] = []
+        for item in items:
+            if item is _END or isinstance(item, BaseException):
+                self._stream = None
+                await stream.close()
+                if isinstance(item, aetcd.exceptions.RevisionCompactedError):
+                    raise ResyncRequired(f"etcd v3 watch compacted: {item}")
+                if events:  # hand out what we have; the next call re-opens at the cursor
+                    break
+                err = self._unavailable(item if isinstance(item, BaseException)
+                                        else RuntimeError("watch stream ended"))
+                await self._drop()
+                raise err
+            kv = item.kv
+            rev = int(kv.mod_revision)
+            if rev <= cursor:
+                continue
+            cursor = rev
+            subnet = parse_key(bytes(kv.key).decode("utf-8", "replace"))
+            if subnet is None:
+                continue
+            if item.kind == aetcd.rtypes.EventKind.DELETE:
+                events.append(WatchEvent(subnet, None))
+            else:
+                events.append(WatchEvent(subnet, bytes(kv.value).decode("utf-8", "replace")))
+        if self._stream is not None:
+            self._stream.start = cursor + 1  # what a re-open would ask for
+        return WatchBatch(tuple(events), cursor)
+
+    async def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.close()
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), 2.0)

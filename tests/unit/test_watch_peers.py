@@ -1,0 +1,132 @@
+"""The peer watch against the in-memory registry with a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+
+from control.backoff import Backoff
+from control.lease import LeaseAttrs, encode_attrs
+from control.watch import PeerMap, PeerWatcher
+from tests.fakes import FakeClock, InMemoryRegistry, run_async
+
+N = ipaddress.IPv4Network
+OWN = N("10.5.1.0/24")
+
+
+def value(ip: str, mac: int = 1, btype: str = "vxlan") -> str:
+    return encode_attrs(LeaseAttrs(ipaddress.IPv4Address(ip), btype, 1,
+                                   bytes([2, 0, 0, 0, 0, mac])))
+
+
+class Harness:
+    def __init__(self, window: int = 1000) -> None:
+        self.clock = FakeClock()
+        self.reg = InMemoryRegistry(self.clock, window=window)
+        self.handed: list[dict[N, str]] = []
+        self.lost = 0
+        self.task: asyncio.Future[None] | None = None
+        self.watcher = PeerWatcher(
+            self.reg, backend_type="vxlan", own_subnet=lambda: OWN,
+            on_peers=self._peers, on_own_lease_lost=self._lost, clock=self.clock,
+            sleep=self.clock.sleep, backoff=Backoff(rng=random.Random(1)), watch_timeout=1.0)
+
+    def _peers(self, peers: PeerMap) -> None:
+        self.handed.append({s: str(le.attrs.public_ip) for s, le in peers.items()})
+
+    def _lost(self) -> None:
+        self.lost += 1
+
+    async def settle(self, steps: int = 20) -> None:
+        """Let the one watcher task run a few steps (asyncio.run cancels it at the end)."""
+        if self.task is None:
+            self.task = asyncio.ensure_future(self.watcher.run())
+        for _ in range(steps):
+            await asyncio.sleep(0)
+
+    @property
+    def last(self) -> dict[N, str]:
+        return self.handed[-1]
+
+
+@run_async
+async def test_add_change_remove_and_own_lease_filtered() -> None:
+    h = Harness()
+    h.reg.set(OWN, value("10.10.1.1"))
+    h.reg.set(N("10.5.2.0/24"), value("10.10.1.2"))
+    await h.settle()
+    assert h.last == {N("10.5.2.0/24"): "10.10.1.2"}
+    h.reg.set(N("10.5.3.0/24"), value("10.10.1.3"))
+    await h.settle()
+    assert h.last == {N("10.5.2.0/24"): "10.10.1.2", N("10.5.3.0/24"): "10.10.1.3"}
+    h.reg.set(N("10.5.3.0/24"), value("10.10.1.33"))
+    await h.settle()
+    assert h.last[N("10.5.3.0/24")] == "10.10.1.33"
+    n = len(h.handed)
+    h.reg.set(N("10.5.3.0/24"), value("10.10.1.33"))  # a renewal: same value
+    await h.settle()
+    assert len(h.handed) == n  # not handed out again
+    h.reg.remove(N("10.5.2.0/24"))
+    await h.settle()
+    assert h.last == {N("10.5.3.0/24"): "10.10.1.33"}
+    assert h.lost == 0
+
+
+@run_async
+async def test_other_backend_types_and_malformed_values_skipped(caplog) -> None:
+    h = Harness()
+    h.reg.set(N("10.5.2.0/24"), value("10.10.1.2", btype="host-gw"))
+    h.reg.set(N("10.5.3.0/24"), "{not json")
+    h.reg.set(N("10.5.4.0/24"), value("10.10.1.4"))
+    await h.settle()
+    assert h.last == {N("10.5.4.0/24"): "10.10.1.4"}
+    assert "skipping malformed lease" in caplog.text and "10.5.3.0/24" in caplog.text
+
+
+@run_async
+async def test_own_lease_deleted_is_reported() -> None:
+    h = Harness()
+    h.reg.set(OWN, value("10.10.1.1"))
+    await h.settle()
+    h.reg.remove(OWN)
+    await h.settle()
+    assert h.lost == 1
+
+
+@run_async
+async def test_resync_after_window_overflow_loses_and_duplicates_nothing() -> None:
+    h = Harness(window=50)
+    for i in range(2, 12):
+        h.reg.set(N(f"10.5.{i}.0/24"), value(f"10.10.1.{i}"))
+    await h.settle()
+    assert len(h.last) == 10
+    # Many events while the watcher is not looking: its cursor falls out of the window.
+    for round_ in range(20):
+        for i in range(2, 12):
+            h.reg.set(N(f"10.5.{i}.0/24"), value(f"10.10.1.{i}", mac=round_))
+    h.reg.remove(N("10.5.2.0/24"))
+    h.reg.set(N("10.5.20.0/24"), value("10.10.1.20"))
+    await h.settle()
+    assert h.watcher.resyncs >= 1
+    want = {N(f"10.5.{i}.0/24"): f"10.10.1.{i}" for i in range(3, 12)}
+    want[N("10.5.20.0/24")] = "10.10.1.20"
+    assert h.last == want
+
+
+@run_async
+async def test_etcd_away_keeps_last_peer_set() -> None:
+    h = Harness()
+    h.reg.set(N("10.5.2.0/24"), value("10.10.1.2"))
+    await h.settle()
+    n = len(h.handed)
+    h.reg.away = True
+    await h.settle(50)
+    assert not h.watcher.connected
+    assert len(h.handed) == n  # nothing handed out: the dataplane keeps its peers
+    assert h.watcher.backoff.failing_for(h.clock()) > 0
+    h.reg.away = False
+    h.reg.set(N("10.5.3.0/24"), value("10.10.1.3"))
+    await h.settle()
+    assert h.watcher.connected
+    assert set(h.last) == {N("10.5.2.0/24"), N("10.5.3.0/24")}
