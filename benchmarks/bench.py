@@ -238,7 +238,8 @@ def main(argv: list[str]) -> int:
     if not args.no_scale:
         from benchmarks import scale
 
-        doc["scale"] = scale.run(args.scale_leases, quick=args.quick, log=log)
+        doc["scale"] = scale.run(args.scale_leases, quick=args.quick, log=log,
+                                 log_dir=os.path.join(args.out, "logs"))
     doc["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     report.finalize(doc)
     paths = report.write_all(doc, args.out)

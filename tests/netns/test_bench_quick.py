@@ -49,5 +49,13 @@ def test_bench_quick_runs_every_mode(tmp_path) -> None:
             assert u["pps"] > 0 and any(t["received_pps"] > 0 for t in u["trials"])
         assert m["ping"]["received"] > 0, name
     assert modes["host-gw"]["status"] == "ok"
+    scale = doc["scale"]
+    if scale["status"] == "not_done":  # only while the agent is missing
+        assert "not in the tree" in scale["reason"]
+    else:
+        assert {r["api"] for r in scale["runs"]} == {"v2", "v3"}
+        for r in scale["runs"]:
+            assert r["status"] == "ok", r
+            assert r["programmed_s"] > 0 and r["burst_s"] > 0 and r["rss_bytes"] > 0
     assert doc["headline"]["ratios"]["host-gw"]["tcp1_vs_hostgw"] == pytest.approx(1.0)
     assert "| host-gw |" in (out / "results.md").read_text()
