@@ -1,30 +1,32 @@
 """`flannelette bench`: every dataplane mode side by side, same topology, same traffic.
 
-For each mode a fresh, identical lab is built (see :mod:`benchmarks.modes`), the
-mode is set up, connectivity is checked, then: warm-up, ping RTTs, iperf3 TCP with
-1 and 4 streams (repeated, interleaved), and a zero-loss UDP packet-rate search
-per payload size. Afterwards the control plane is measured at scale
-(:mod:`benchmarks.scale`). The results go to ``--out`` as JSON (the source of
-truth), a Markdown table and a PNG plot; the headline is each mode's ratio to the
-kernel VXLAN mode of the same run.
+Every mode gets its own, identical lab (see :mod:`benchmarks.modes`); all are set
+up first, then measured interleaved: warm-up and ping RTTs, iperf3 TCP with 1 and
+4 streams (each repetition visits every mode in turn), and a zero-loss UDP
+packet-rate search per payload size. Afterwards the control plane is measured at
+scale (:mod:`benchmarks.scale`). The results go to ``--out`` as JSON (the source
+of truth), a Markdown table and a PNG plot; the headline is each mode's ratio to
+the kernel VXLAN mode of the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from benchmarks import report, traffic
 from benchmarks.lab import Lab, LabError
-from benchmarks.modes import Mode, ModeUnavailable, all_modes, build_pair
+from benchmarks.modes import Mode, ModeUnavailable, Pair, all_modes, build_pair
 
 
 @dataclass(frozen=True)
@@ -79,95 +81,151 @@ def _per_gbit(secs: float, nbytes: int) -> float:
     return secs / gbit if gbit > 0 else 0.0
 
 
-def measure(pair_lab: Lab, mode: Mode, plan: Plan, log: Any, log_dir: str) -> dict[str, Any]:
-    """Set ``mode`` up in ``pair_lab`` and run all traffic against it."""
-    entry: dict[str, Any] = {"name": mode.name, "description": mode.description}
-    t0 = time.monotonic()
-    pair = build_pair(pair_lab, log_dir, mode.name)
-    procs = mode.setup(pair)
-    if not pair_lab.wait_ping(pair.client_ns, pair.server_ip, deadline=30.0):
-        raise traffic.TrafficError(f"no ping from {pair.client_ns} to {pair.server_ip} "
-                                   "within 30 s after setup")
-    entry["setup_seconds"] = time.monotonic() - t0
-    sessions = [p.pid for p in procs]
-    traffic.start_iperf_server(pair_lab, pair.server_ns, pair.server_ip)
+class ModeRun:
+    """One mode's lab, dataplane processes and results while the run goes on.
 
-    def tcp(streams: int, seconds: int) -> traffic.TcpRun:
-        return traffic.iperf_tcp(pair_lab, pair.client_ns, pair.server_ip, streams=streams,
-                                 seconds=seconds, dataplane_sessions=sessions)
+    Every phase catches its own failures: a mode that breaks is reported as
+    failed with the reason, and the other modes carry on.
+    """
 
-    log(f"  {mode.name}: warm-up {plan.warmup_seconds} s")
-    tcp(1, plan.warmup_seconds)
+    def __init__(self, mode: Mode, plan: Plan, log: Callable[[str], None]) -> None:
+        self.mode, self.plan, self.log = mode, plan, log
+        self.entry: dict[str, Any] = {"name": mode.name, "description": mode.description}
+        self.lab = Lab()
+        self.pair: Pair | None = None
+        self.procs: list[subprocess.Popen[Any]] = []
+        self.tcp_runs: dict[int, list[traffic.TcpRun]] = {s: [] for s in plan.streams}
 
-    rtts = traffic.ping_rtts(pair_lab, pair.client_ns, pair.server_ip, count=plan.ping_count,
-                             interval=plan.ping_interval_s)
-    entry["ping"] = {"sent": plan.ping_count, "received": len(rtts),
-                     "p50_ms": report.percentile(rtts, 50) if rtts else None,
-                     "p99_ms": report.percentile(rtts, 99) if rtts else None}
-    log(f"  {mode.name}: ping p50 {entry['ping']['p50_ms']} ms")
+    @property
+    def ok(self) -> bool:
+        return "status" not in self.entry
 
-    runs: dict[int, list[traffic.TcpRun]] = {s: [] for s in plan.streams}
-    for _ in range(plan.reps):
-        for s in plan.streams:
-            runs[s].append(tcp(s, plan.tcp_seconds))
-            log(f"  {mode.name}: TCP x{s} {runs[s][-1].gbps:.2f} Gbit/s")
-    entry["tcp"] = {}
-    for s, rs in runs.items():
-        entry["tcp"][str(s)] = {
-            "gbps": report.summarize(r.gbps for r in rs),
-            "bytes_total": sum(r.bytes for r in rs),
-            "retransmits": [r.retransmits for r in rs],
-            "cpu_s_per_gbit": {
-                "attributable": mode.userspace,
-                "user": report.summarize(_per_gbit(r.dataplane_cpu.user, r.bytes) for r in rs),
-                "system": report.summarize(_per_gbit(r.dataplane_cpu.system, r.bytes)
-                                           for r in rs)},
-            "host_cpu_s_per_gbit": {
-                k: report.summarize(_per_gbit(getattr(r.host_cpu, k), r.bytes) for r in rs)
-                for k in ("user", "system", "softirq")},
-        }
+    def _fail(self, status: str, reason: str) -> None:
+        self.entry.update(status=status, reason=reason)
+        self.log(f"  {self.mode.name}: {status}: {reason}")
 
-    entry["udp"] = {}
-    for payload in plan.payloads:
-        search = traffic.RateSearch(loss_limit=plan.udp_loss_limit_percent,
-                                    tolerance=plan.udp_tolerance,
-                                    max_trials=plan.udp_max_trials)
+    def phase(self, fn: Callable[[], None]) -> None:
+        """Run one phase unless the mode already failed; turn errors into a status."""
+        if not self.ok:
+            return
+        try:
+            fn()
+            dead = [p for p in self.procs if p.poll() is not None]
+            if dead:
+                raise traffic.TrafficError(f"dataplane process {dead[0].pid} exited with "
+                                           f"{dead[0].returncode} (see the logs directory)")
+        except ModeUnavailable as e:
+            self._fail("not_done", str(e))
+        except (traffic.TrafficError, LabError, subprocess.TimeoutExpired, OSError) as e:
+            self._fail("failed", str(e))
+        except Exception as e:  # a mode's own setup code failing must not end the run
+            self._fail("failed", f"{type(e).__name__}: {e}")
 
-        def trial(pps: float, payload: int = payload) -> traffic.UdpTrial:
-            return traffic.iperf_udp(pair_lab, pair.client_ns, pair.server_ip,
-                                     payload=payload, pps=pps, seconds=plan.udp_trial_seconds)
+    # ---- phases -----------------------------------------------------------------------
+    def setup(self, log_dir: str) -> None:
+        t0 = time.monotonic()
+        self.lab.__enter__()
+        pair = self.pair = build_pair(self.lab, log_dir, self.mode.name)
+        self.procs = self.mode.setup(pair)
+        if not self.lab.wait_ping(pair.client_ns, pair.server_ip, deadline=30.0):
+            raise traffic.TrafficError(f"no ping from {pair.client_ns} to {pair.server_ip} "
+                                       "within 30 s after setup")
+        self.entry["setup_seconds"] = time.monotonic() - t0
+        traffic.start_iperf_server(self.lab, pair.server_ns, pair.server_ip)
 
-        traffic.udp_rate_search(trial, search)
-        entry["udp"][str(payload)] = {
-            "pps": search.best_pps if search.best_pps > 0 else None,
-            "converged": search.converged, "sender_limited": search.sender_limited,
-            "highest_passing_offered_pps": search.lo, "lowest_failing_offered_pps": search.hi,
-            "trials": [asdict(t) for t in search.trials]}
-        log(f"  {mode.name}: UDP {payload} B {search.best_pps:.0f} pps "
-            f"({len(search.trials)} trials, converged={search.converged})")
+    def _tcp(self, streams: int, seconds: int) -> traffic.TcpRun:
+        assert self.pair is not None
+        return traffic.iperf_tcp(self.lab, self.pair.client_ns, self.pair.server_ip,
+                                 streams=streams, seconds=seconds,
+                                 dataplane_sessions=[p.pid for p in self.procs])
 
-    dead = [p for p in procs if p.poll() is not None]
-    if dead:
-        raise traffic.TrafficError(f"dataplane process {dead[0].pid} exited during the run "
-                                   f"with {dead[0].returncode}")
-    entry["status"] = "ok"
-    return entry
+    def warmup_and_ping(self) -> None:
+        assert self.pair is not None
+        self._tcp(1, self.plan.warmup_seconds)
+        rtts = traffic.ping_rtts(self.lab, self.pair.client_ns, self.pair.server_ip,
+                                 count=self.plan.ping_count, interval=self.plan.ping_interval_s)
+        self.entry["ping"] = {"sent": self.plan.ping_count, "received": len(rtts),
+                              "p50_ms": report.percentile(rtts, 50) if rtts else None,
+                              "p99_ms": report.percentile(rtts, 99) if rtts else None}
+        self.log(f"  {self.mode.name}: warm-up done; ping p50 {self.entry['ping']['p50_ms']} ms")
+
+    def tcp_rep(self) -> None:
+        for s in self.plan.streams:
+            self.tcp_runs[s].append(self._tcp(s, self.plan.tcp_seconds))
+            self.log(f"  {self.mode.name}: TCP x{s} {self.tcp_runs[s][-1].gbps:.2f} Gbit/s")
+
+    def udp(self) -> None:
+        assert self.pair is not None
+        pair, plan = self.pair, self.plan
+        self.entry["udp"] = {}
+        for payload in plan.payloads:
+            search = traffic.RateSearch(loss_limit=plan.udp_loss_limit_percent,
+                                        tolerance=plan.udp_tolerance,
+                                        max_trials=plan.udp_max_trials)
+
+            def trial(pps: float, payload: int = payload) -> traffic.UdpTrial:
+                return traffic.iperf_udp(self.lab, pair.client_ns, pair.server_ip,
+                                         payload=payload, pps=pps,
+                                         seconds=plan.udp_trial_seconds)
+
+            traffic.udp_rate_search(trial, search)
+            self.entry["udp"][str(payload)] = {
+                "pps": search.best_pps if search.best_pps > 0 else None,
+                "converged": search.converged, "sender_limited": search.sender_limited,
+                "highest_passing_offered_pps": search.lo,
+                "lowest_failing_offered_pps": search.hi,
+                "trials": [asdict(t) for t in search.trials]}
+            self.log(f"  {self.mode.name}: UDP {payload} B {search.best_pps:.0f} pps "
+                     f"({len(search.trials)} trials, converged={search.converged})")
+
+    def finish(self) -> dict[str, Any]:
+        """Summarize the TCP runs, close the lab, return the report entry."""
+        if self.ok:
+            self.entry["tcp"] = {}
+            for s, rs in self.tcp_runs.items():
+                self.entry["tcp"][str(s)] = {
+                    "gbps": report.summarize(r.gbps for r in rs),
+                    "bytes_total": sum(r.bytes for r in rs),
+                    "retransmits": [r.retransmits for r in rs],
+                    "cpu_s_per_gbit": {
+                        "attributable": self.mode.userspace,
+                        "user": report.summarize(_per_gbit(r.dataplane_cpu.user, r.bytes)
+                                                 for r in rs),
+                        "system": report.summarize(_per_gbit(r.dataplane_cpu.system, r.bytes)
+                                                   for r in rs)},
+                    "host_cpu_s_per_gbit": {
+                        k: report.summarize(_per_gbit(getattr(r.host_cpu, k), r.bytes)
+                                            for r in rs)
+                        for k in ("user", "system", "softirq")},
+                }
+            self.entry["status"] = "ok"
+        self.lab.close()
+        return self.entry
 
 
-def run_mode(mode: Mode, plan: Plan, log: Any, log_dir: str) -> dict[str, Any]:
-    """One mode in its own lab; failures become a status in the report, not a crash."""
+def run_modes(modes: list[Mode], plan: Plan, log: Callable[[str], None],
+              log_dir: str) -> list[dict[str, Any]]:
+    """All modes set up side by side (each in its own identical lab), then measured
+    interleaved: every TCP repetition visits every mode in turn, so a burst of noise
+    on this shared machine spreads over all modes instead of biasing one."""
+    runs = [ModeRun(m, plan, log) for m in modes]
     try:
-        with Lab() as lab:
-            return measure(lab, mode, plan, log, log_dir)
-    except ModeUnavailable as e:
-        return {"name": mode.name, "description": mode.description, "status": "not_done",
-                "reason": str(e)}
-    except (traffic.TrafficError, LabError, subprocess.TimeoutExpired, OSError) as e:
-        return {"name": mode.name, "description": mode.description, "status": "failed",
-                "reason": str(e)}
-    except Exception as e:  # a mode's own setup code failing must not end the whole run
-        return {"name": mode.name, "description": mode.description, "status": "failed",
-                "reason": f"{type(e).__name__}: {e}"}
+        for r in runs:
+            log(f"== {r.mode.name}: {r.mode.description}")
+            r.phase(functools.partial(r.setup, log_dir))
+        for r in runs:
+            r.phase(r.warmup_and_ping)
+        for rep in range(plan.reps):
+            log(f"== TCP repetition {rep + 1}/{plan.reps}")
+            for r in runs:
+                r.phase(r.tcp_rep)
+        for r in runs:
+            log(f"== UDP zero-loss search: {r.mode.name}")
+            r.phase(r.udp)
+        return [r.finish() for r in runs]
+    finally:
+        for r in runs:
+            r.lab.close()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -229,12 +287,7 @@ def main(argv: list[str]) -> int:
         "schema": report.SCHEMA, "quick": args.quick,
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(), "method": asdict(plan), "modes": []}
-    for mode in modes:
-        log(f"== {mode.name}: {mode.description}")
-        entry = run_mode(mode, plan, log, os.path.join(args.out, "logs"))
-        if entry["status"] != "ok":
-            log(f"  {mode.name}: {entry['status']}: {entry['reason']}")
-        doc["modes"].append(entry)
+    doc["modes"] = run_modes(modes, plan, log, os.path.join(args.out, "logs"))
     if not args.no_scale:
         from benchmarks import scale
 
