@@ -149,8 +149,8 @@ class LeaseKeeper:
             if self._lost.is_set():
                 log.warning("our lease %s disappeared from etcd; acquiring again",
                             self.lease.subnet)
-                self.reacquisitions += 1
                 await self.acquire()
+                self.reacquisitions += 1
                 continue
             due = renew_at(self.expires_at, self._margin, now)
             if due > now:

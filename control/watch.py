@@ -116,17 +116,19 @@ class PeerWatcher:
             self._on_own_lease_lost()
 
     # ---- the loop ------------------------------------------------------------------------
-    async def _relist(self) -> None:
+    async def relist(self) -> None:
+        """Take a full snapshot now (run() does this first unless already synced)."""
         snap = await self._registry.list_leases()
         self.reset(snap.leases, snap.cursor)
 
     async def run(self) -> None:
-        """Forever: keep the table in sync, backing off while etcd is away."""
-        need_list = True
+        """Forever: keep the table in sync, backing off while etcd is away. A watcher
+        that already holds a snapshot resumes from its cursor."""
+        need_list = not self.synced
         while True:
             try:
                 if need_list:
-                    await self._relist()
+                    await self.relist()
                     need_list = False
                 else:
                     batch = await self._registry.watch_leases(self.cursor, self._watch_timeout)
