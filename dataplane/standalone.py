@@ -1,0 +1,174 @@
+"""`flannelette engine`: run the VXLAN engine with a static peer set (no etcd).
+
+Used by the namespace tests, the benchmarks and for debugging. Unlike the
+agent, it installs the routes itself: one route per peer subnet into the TUN
+(they vanish with the TUN when the process exits). Runs until SIGTERM/SIGINT,
+then writes a last stats snapshot and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from dataplane import tun, wire
+from dataplane.engine import Engine, EngineConfig
+from dataplane.errors import DataplaneError
+from dataplane.fib import Peer
+from dataplane.stats import EngineStats
+
+
+class _UsageError(DataplaneError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message)
+
+
+def _peer(text: str) -> Peer:
+    parts = text.split(",")
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"--peer wants SUBNET,PUBLICIP,VTEPMAC, got {text!r}")
+    try:
+        subnet = ipaddress.IPv4Network(parts[0].strip())
+        public_ip = ipaddress.IPv4Address(parts[1].strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--peer {text!r}: {e}") from None
+    try:
+        mac = wire.mac_from_str(parts[2])
+    except DataplaneError as e:
+        raise argparse.ArgumentTypeError(f"--peer {text!r}: {e}") from None
+    return Peer(subnet, public_ip, mac)
+
+
+def _mac(text: str) -> bytes:
+    try:
+        return wire.mac_from_str(text)
+    except DataplaneError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _subnet(text: str) -> ipaddress.IPv4Network:
+    try:
+        return ipaddress.IPv4Network(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+
+def _address(text: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+
+def _parser() -> _Parser:
+    p = _Parser(prog="flannelette engine",
+                description="Run the userspace VXLAN engine with a static peer set.")
+    p.add_argument("--subnet", type=_subnet, required=True, help="own subnet, e.g. 10.244.1.0/24")
+    p.add_argument("--public-ip", type=_address, required=True, help="address to bind UDP on")
+    p.add_argument("--vtep-mac", type=_mac, default=None, help="own VtepMAC (default: random)")
+    p.add_argument("--vni", type=int, default=1)
+    p.add_argument("--mtu", type=int, default=1450, help="TUN MTU (external MTU - 50)")
+    p.add_argument("--tun-name", default=None, help="default flannel.<vni>")
+    p.add_argument("--port", type=int, default=wire.VXLAN_PORT)
+    p.add_argument("--peer", type=_peer, action="append", default=[],
+                   metavar="SUBNET,PUBLICIP,VTEPMAC", help="a peer (repeatable)")
+    p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    p.add_argument("--batch", type=int, default=256, help="packets drained per wake-up")
+    p.add_argument("--stats-file", default=None, help="JSON stats, rewritten periodically")
+    p.add_argument("--stats-interval", type=float, default=0.5, help="seconds between writes")
+    return p
+
+
+def _write_stats(engine: Engine, path: str) -> None:
+    """Atomically replace ``path`` with the engine's counters as JSON."""
+    data = engine.snapshot().to_dict()
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+async def _run(config: EngineConfig, peers: Sequence[Peer], stats_file: str | None,
+               interval: float) -> None:
+    engine = Engine(config)
+    engine.set_peers(peers)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await engine.start()
+    try:
+        await tun.replace_routes(engine.tun_name, [str(p.subnet) for p in peers])
+        print(f"engine up: {engine.tun_name} {config.subnet} "
+              f"mac {wire.mac_to_str(config.vtep_mac)} on {config.public_ip}:{config.port}, "
+              f"{len(peers)} peer(s)", flush=True)
+        while not stop.is_set():
+            if stats_file:
+                _write_stats(engine, stats_file)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+    finally:
+        if stats_file:
+            _write_stats(engine, stats_file)
+        await engine.close()
+
+
+def command(subnet: str, public_ip: str, vtep_mac: str, peers: Sequence[tuple[str, str, str]],
+            *extra: str, python: str | None = None) -> list[str]:
+    """The argv that runs this engine as a process (for tests and benchmarks)."""
+    argv = [python or sys.executable, "-m", "dataplane.standalone", "--subnet", subnet,
+            "--public-ip", public_ip, "--vtep-mac", vtep_mac]
+    for p in peers:
+        argv += ["--peer", ",".join(p)]
+    return argv + list(extra)
+
+
+def read_stats(path: str) -> EngineStats | None:
+    """The last snapshot a running engine wrote to ``--stats-file`` (None before the first)."""
+    try:
+        with open(path) as f:
+            return EngineStats.from_dict(json.load(f))
+    except (OSError, ValueError):
+        return None
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `flannelette engine`."""
+    try:
+        args = _parser().parse_args(argv)
+        config = EngineConfig(
+            subnet=args.subnet, public_ip=args.public_ip,
+            vtep_mac=args.vtep_mac or wire.random_vtep_mac(), vni=args.vni, mtu=args.mtu,
+            tun_name=args.tun_name, port=args.port, batch=args.batch)
+        if args.stats_interval <= 0:
+            raise _UsageError(f"--stats-interval must be > 0, got {args.stats_interval}")
+        coro = _run(config, args.peer, args.stats_file, args.stats_interval)
+        if args.loop == "uvloop":
+            import uvloop
+
+            uvloop.run(coro)
+        else:
+            asyncio.run(coro)
+    except DataplaneError as e:  # bad flags, bad config, device errors: one line
+        print(f"flannelette engine: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # e.g. FibError from a bad peer set
+        print(f"flannelette engine: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
