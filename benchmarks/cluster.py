@@ -34,10 +34,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.etcd import EtcdServer
-from benchmarks.lab import Host, Lab
+from benchmarks.lab import Host, Lab, Segment
 
 PREFIX = "/coreos.com/network"
 HEALTHZ_PORT = 9480
+ETCD_PORT = 2379  # inside the lab's core namespace every port is free
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _FETCH = """
@@ -99,19 +100,28 @@ class Cluster:
 
     # ---- etcd ------------------------------------------------------------------------------
     def start_etcd(self) -> EtcdServer:
-        """A real etcd (v2 enabled) in the core namespace, on the segment's gateway."""
+        """A real etcd (v2 enabled) in the core namespace, on the segment's gateway.
+
+        Calling it again after ``cluster.etcd.kill()`` restarts the same member with its
+        data (an etcd outage and recovery)."""
+        if self.etcd is None:
+            self.etcd = EtcdServer(host=str(self._segment().gateway), netns=self.lab.core,
+                                   port=ETCD_PORT)
+        self.etcd.start()
+        return self.etcd
+
+    def _segment(self) -> Segment:
         if not self.lab.segments:
             raise ClusterError("add a segment to the lab before starting etcd")
-        seg = self.lab.segments[self.segment] if self.segment else next(
+        return self.lab.segments[self.segment] if self.segment else next(
             iter(self.lab.segments.values()))
-        self.etcd = EtcdServer(host=str(seg.gateway), netns=self.lab.core).start()
-        return self.etcd
 
     @property
     def endpoint(self) -> str:
-        if self.etcd is None:
-            raise ClusterError("start_etcd() first")
-        return self.etcd.endpoint
+        """etcd's client URL; known before etcd starts (agents may be started first)."""
+        if self.etcd is not None:
+            return self.etcd.endpoint
+        return f"http://{self._segment().gateway}:{ETCD_PORT}"
 
     def set_config(self, config: str | Mapping[str, Any], api: int = 3) -> None:
         """Write ``<prefix>/config`` with etcdctl, as users do (api=2: `set`, api=3: `put`)."""

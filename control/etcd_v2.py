@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import ipaddress
 import re
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -41,6 +42,38 @@ def parse_expiration(text: str | None) -> float | None:
     frac = (m.group(2) or ".0")[:7]
     tz = "+00:00" if m.group(3) == "Z" else m.group(3)
     return datetime.datetime.fromisoformat(f"{m.group(1)}{frac}{tz}").timestamp()
+
+
+async def _in_daemon_thread(fn: Callable[[], T]) -> T:
+    """Run a blocking call in a daemon thread and await its result.
+
+    Not ``asyncio.to_thread``: a pending long-poll watch in the default executor
+    would hold up the loop's shutdown (and the interpreter's exit) for its whole
+    timeout. A daemon thread is simply abandoned when we stop.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def deliver(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(deliver, None, exc)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(deliver, result, None)
+
+    threading.Thread(target=work, name="etcd-v2", daemon=True).start()
+    return await future
 
 
 class EtcdV2Registry:
@@ -82,7 +115,7 @@ class EtcdV2Registry:
         def run() -> T:
             return fn(self._client(read_timeout))
         try:
-            return await asyncio.to_thread(run)
+            return await _in_daemon_thread(run)
         except _CONNECTION_ERRORS as exc:
             self._current = (self._current + 1) % len(self._hosts)
             raise RegistryUnavailable(f"etcd v2 at {self._endpoint()}: {exc}") from None
