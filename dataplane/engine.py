@@ -97,7 +97,6 @@ class Engine:
         self.config = config
         self._vxlan = wire.vxlan_header(config.vni)
         self._own_mac = config.vtep_mac
-        self._tun_addr = config.subnet.network_address.packed
         self._table = _Table(Fib.build(()), 0xFFFFFFFF, {}, {})
         self._counters: dict[str, list[int]] = {}
         self._drops: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
@@ -231,10 +230,16 @@ class Engine:
             nn[4] = count
 
     def _unreachable(self, plen: int) -> None:
-        """No peer owns the destination: count it and answer ICMP host unreachable."""
+        """No peer owns the destination: count it and answer ICMP host unreachable.
+
+        The error comes from the address a VTEP for the destination's subnet would
+        have (its network address), not from our TUN address: the kernel drops
+        packets arriving with one of its own addresses as source.
+        """
         self._drops[DropReason.NO_ROUTE] += 1
+        dst = int.from_bytes(self._txbuf[38:42], "big") & self._table.mask
         reply = wire.icmp_unreachable(self._txview[wire.OFF_IP:wire.OFF_IP + plen],
-                                      self._tun_addr)
+                                      dst.to_bytes(4, "big"))
         if reply is None:
             return
         try:
