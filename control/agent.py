@@ -498,8 +498,10 @@ class Agent:
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("urllib3", "etcd", "aetcd", "grpc", "pyroute2", "asyncio"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # Client libraries log every failed attempt; our own lines say what matters once.
+    quiet = logging.DEBUG if level == "debug" else logging.CRITICAL
+    for noisy in ("urllib3", "etcd", "aetcd", "grpc", "pyroute2"):
+        logging.getLogger(noisy).setLevel(quiet)
 
 
 async def _main(opts: AgentOptions) -> int:

@@ -44,6 +44,17 @@ def parse_expiration(text: str | None) -> float | None:
     return datetime.datetime.fromisoformat(f"{m.group(1)}{frac}{tz}").timestamp()
 
 
+def _reason(exc: BaseException) -> str:
+    """The root cause of a python-etcd/urllib3 error, not its nested reprs."""
+    text = str(exc)
+    m = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
+    if m:
+        return m.group(0)
+    if "timed out" in text.lower():
+        return "timed out"
+    return text[:200]
+
+
 async def _in_daemon_thread(fn: Callable[[], T]) -> T:
     """Run a blocking call in a daemon thread and await its result.
 
@@ -117,8 +128,9 @@ class EtcdV2Registry:
         try:
             return await _in_daemon_thread(run)
         except _CONNECTION_ERRORS as exc:
+            endpoint = self._endpoint()
             self._current = (self._current + 1) % len(self._hosts)
-            raise RegistryUnavailable(f"etcd v2 at {self._endpoint()}: {exc}") from None
+            raise RegistryUnavailable(f"etcd v2 at {endpoint}: {_reason(exc)}") from None
 
     def _endpoint(self) -> str:
         scheme, host, port = self._hosts[self._current]
@@ -136,6 +148,8 @@ class EtcdV2Registry:
                 return str(c.read(key).value)
             except etcd.EtcdKeyNotFound:
                 return None
+            except etcd.EtcdConnectionFailed:
+                raise
             except etcd.EtcdException as exc:
                 if "404" in str(exc) or "Not Found" in str(exc):
                     raise RegistryError("this etcd does not serve the v2 API "
