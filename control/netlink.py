@@ -23,7 +23,7 @@ import errno
 import ipaddress
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -45,6 +45,16 @@ class NetlinkError(ControlError):
 
 
 # ---- synchronous batches (run them in a worker thread) ----------------------------------------
+@contextlib.contextmanager
+def _session(what: str) -> Iterator[Any]:
+    """One IPRoute for one batch; kernel and socket errors become :class:`NetlinkError`."""
+    try:
+        with IPRoute() as ipr:
+            yield ipr
+    except (_PyNetlinkError, OSError) as e:
+        raise NetlinkError(f"{what}: {e}") from e
+
+
 def _names(ipr: Any) -> dict[int, str]:
     return {int(link["index"]): str(link.get("IFLA_IFNAME")) for link in ipr.get_links()}
 
@@ -53,7 +63,7 @@ def route_get(addresses: Iterable[ipaddress.IPv4Address]
               ) -> dict[ipaddress.IPv4Address, tuple[RouteLookup, ...] | None]:
     """The kernel's route lookup for each address (``ip route get``); None where it failed."""
     out: dict[ipaddress.IPv4Address, tuple[RouteLookup, ...] | None] = {}
-    with IPRoute() as ipr:
+    with _session("route get") as ipr:
         names = _names(ipr)
         for addr in addresses:
             try:
@@ -75,7 +85,7 @@ def route_get(addresses: Iterable[ipaddress.IPv4Address]
 
 def list_routes(proto: int = RT_PROTO, table: int = MAIN_TABLE) -> tuple[Route, ...]:
     """Our IPv4 routes (by protocol number) in ``table``, as :class:`Route` records."""
-    with IPRoute() as ipr:
+    with _session(f"listing routes of protocol {proto}") as ipr:
         names = _names(ipr)
         msgs = ipr.route("dump", family=socket.AF_INET, proto=proto, table=table)
         routes = []
@@ -104,7 +114,7 @@ def apply_ops(ops: Sequence[RouteOp], proto: int = RT_PROTO, table: int = MAIN_T
     errors: list[str] = []
     if not ops:
         return errors
-    with IPRoute() as ipr:
+    with _session("applying routes") as ipr:
         index = {name: idx for idx, name in _names(ipr).items()}
         for op in ops:
             r = op.route
@@ -142,20 +152,17 @@ def remove_routes(proto: int = RT_PROTO, table: int = MAIN_TABLE) -> tuple[Route
 
 
 def link_exists(name: str) -> bool:
-    with IPRoute() as ipr:
+    with _session(f"looking up device {name}") as ipr:
         return bool(ipr.link_lookup(ifname=name))
 
 
 def delete_link(name: str) -> bool:
     """Delete device ``name`` if it exists (e.g. a persistent TUN); True if it was there."""
-    with IPRoute() as ipr:
+    with _session(f"deleting device {name}") as ipr:
         idx = ipr.link_lookup(ifname=name)
         if not idx:
             return False
-        try:
-            ipr.link("del", index=idx[0])
-        except _PyNetlinkError as e:
-            raise NetlinkError(f"cannot delete device {name}: {e}") from e
+        ipr.link("del", index=idx[0])
         return True
 
 

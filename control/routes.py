@@ -113,7 +113,8 @@ class RouteProgrammer:
         VXLAN ones are tunnelled). With ``handoff``, it is called before any route
         changes with a make-before-break peer set (a peer leaving the tunnel stays
         tunnelled until its direct route exists), so switches lose nothing.
-        Raises :class:`rc.RouteError` for vxlan without a device or an unknown backend.
+        Raises :class:`rc.RouteError` (vxlan without a device, unknown backend) or
+        :class:`netlink.NetlinkError` (the kernel refused a query); both are ControlError.
         """
         kind = rc.normalize_backend(backend)
         async with self._lock:
