@@ -226,4 +226,15 @@ def test_own_route_change_triggers_reevaluation(lab: Lab) -> None:
     assert our_routes(lab, h1) == [f"{NETWORK} dev {TUN} scope link"]
 
 
+
+def test_ip_forward_off_is_reported(lab: Lab) -> None:
+    h1, h2, _h3 = three_hosts(lab)
+    r = drive(lab, h1, op="sync", backend="host-gw", dr=False, peers=peers_of(h2))
+    assert r["warnings"] == []
+    lab.sysctl(h1.ns, "net.ipv4.ip_forward", "0")
+    r = drive(lab, h1, op="sync", backend="host-gw", dr=False, peers=peers_of(h2))
+    assert any("ip_forward is 0" in w for w in r["warnings"])
+    assert any("ip_forward is 0" in line for line in r["logs"])
+
+
 pytestmark = pytest.mark.netns
