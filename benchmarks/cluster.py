@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -218,6 +218,26 @@ class Cluster:
             time.sleep(0.3)
         raise ClusterError(f"{agent.host.name} peers {[p['subnet'] for p in doc.get('peers', [])]}"
                            f" != {want} after {timeout}s:\n{agent.log()}")
+
+    def wait_status(self, agent: AgentProcess, predicate: Callable[[dict[str, Any]], bool],
+                    timeout: float = 30.0, what: str = "condition") -> dict[str, Any]:
+        """Poll /status until ``predicate(doc)`` holds; the document that satisfied it."""
+        deadline = time.monotonic() + timeout
+        doc: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            doc = self.status(agent)
+            if predicate(doc):
+                return doc
+            time.sleep(0.3)
+        raise ClusterError(f"{agent.host.name}: {what} not reached after {timeout}s "
+                           f"(last /status: {json.dumps(doc)[:2000]}):\n{agent.log()}")
+
+    def metrics(self, agent: AgentProcess) -> str:
+        """The agent's /metrics text (Prometheus exposition)."""
+        code, body = self.fetch(agent, "/metrics")
+        if code != 200:
+            raise ClusterError(f"/metrics of {agent.host.name}: {code} {body}")
+        return body
 
     def stop_agent(self, agent: AgentProcess, timeout: float = 10.0) -> int | None:
         """SIGTERM (then SIGKILL) the agent; its exit code."""

@@ -134,6 +134,10 @@ class PeerWatcher:
                     batch = await self._registry.watch_leases(self.cursor, self._watch_timeout)
                     if batch.events or batch.cursor != self.cursor:
                         self.apply(batch.events, batch.cursor)
+                    else:
+                        # A quiet watch looks the same as a hung etcd (SIGSTOP, partition):
+                        # one cheap read tells them apart, so `connected` stays true.
+                        await self._registry.get_config()
                 if not self.connected:
                     if self.backoff.failing_since is not None:
                         log.info("etcd reachable again after %.1f s",

@@ -347,3 +347,36 @@ def test_watch_cursor_events_carry_values(etcd: EtcdServer, api: int) -> None:
         finally:
             await reg.close()
     run(go())
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_hung_etcd_is_noticed_and_watch_resumes(etcd: EtcdServer, api: int) -> None:
+    """SIGSTOP (a partition: no RST, just silence): a quiet watch must not pass for a
+    healthy one. The watcher reports disconnected, keeps its peers, and resumes."""
+    put(etcd, api, key("10.5.2.0/24"), encode_attrs(vx("10.10.1.2", 2)))
+
+    async def go() -> None:
+        reg = open_api(f"v{api}", EtcdOptions(endpoints=(etcd.endpoint,), prefix=PREFIX,
+                                              timeout=2.0))
+        seen = Seen()
+        w = PeerWatcher(reg, backend_type="vxlan", own_subnet=lambda: None, on_peers=seen,
+                        on_own_lease_lost=lambda: None, clock=time.monotonic,
+                        watch_timeout=1.0)
+        task = asyncio.ensure_future(w.run())
+        try:
+            await until(lambda: w.synced and w.connected)
+            etcd.pause()
+            try:
+                await until(lambda: not w.connected, 20)
+                assert seen.last == {N("10.5.2.0/24"): "10.10.1.2"}  # peers kept
+            finally:
+                etcd.resume()
+            await until(lambda: w.connected, 30)
+            await asyncio.to_thread(put, etcd, api, key("10.5.3.0/24"),
+                                    encode_attrs(vx("10.10.1.3", 3)))
+            await until(lambda: N("10.5.3.0/24") in seen.last, 20)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await reg.close()
+    run(go())
