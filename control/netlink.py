@@ -244,14 +244,18 @@ class ChangeMonitor:
         self.close()
 
     def open(self) -> None:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
-                             | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        """Subscribe; NetlinkError if the kernel will not let us (no traceback for callers)."""
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
+                                 | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        except OSError as e:
+            raise NetlinkError(f"cannot open an rtnetlink socket: {e}") from e
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             sock.bind((0, _RTMGRP_LINK | _RTMGRP_IPV4_IFADDR | _RTMGRP_IPV4_ROUTE))
-        except OSError:
+        except OSError as e:
             sock.close()
-            raise
+            raise NetlinkError(f"cannot subscribe to route/address events: {e}") from e
         self._sock = sock
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
