@@ -65,6 +65,7 @@ class AgentOptions:
     healthz_ip: str = "127.0.0.1"
     healthz_port: int = 9480
     log_level: str = "info"
+    log_format: str = "text"
     watch_timeout: float = 10.0
 
 
@@ -116,6 +117,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=d("log-level", "info"),
                    choices=("debug", "info", "warning", "error"))
     p.add_argument("-v", "--verbose", action="store_true", help="same as --log-level debug")
+    p.add_argument("--log-format", default=d("log-format", "text"), choices=("text", "json"),
+                   help="text lines or JSON lines (one object per line)")
     p.add_argument("--watch-timeout", type=float, default=float(d("watch-timeout", "10")),
                    help=argparse.SUPPRESS)
     p.add_argument("--etcd-timeout", type=float, default=float(d("etcd-timeout", "5")),
@@ -157,7 +160,8 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> AgentOptions:
         etcd=etcd, etcd_api=ns.etcd_api, iface=tuple(iface), public_ip=public_ip,
         subnet_file=ns.subnet_file, renew_margin=margin, lease_ttl=ns.subnet_lease_ttl,
         ip_masq=ns.ip_masq, healthz_ip=ns.healthz_ip, healthz_port=ns.healthz_port,
-        log_level="debug" if ns.verbose else ns.log_level, watch_timeout=ns.watch_timeout)
+        log_level="debug" if ns.verbose else ns.log_level, log_format=ns.log_format,
+        watch_timeout=ns.watch_timeout)
 
 
 # ---- the agent --------------------------------------------------------------------------------
@@ -522,7 +526,8 @@ def main(argv: list[str]) -> int:
     except FlagError as exc:
         print(f"flannelette run: {exc}", file=sys.stderr)
         return 2
-    _setup_logging(opts.log_level)
+    from control import logs
+    logs.setup(opts.log_level, opts.log_format)
     # gRPC (etcd v3) chatters about fork() when the dataplane runs `ip`; keep it quiet.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
