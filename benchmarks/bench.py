@@ -95,6 +95,7 @@ class ModeRun:
         self.pair: Pair | None = None
         self.procs: list[subprocess.Popen[Any]] = []
         self.tcp_runs: dict[int, list[traffic.TcpRun]] = {s: [] for s in plan.streams}
+        self.udp_searches: dict[int, list[traffic.RateSearch]] = {p: [] for p in plan.payloads}
 
     @property
     def ok(self) -> bool:
@@ -154,10 +155,10 @@ class ModeRun:
             self.tcp_runs[s].append(self._tcp(s, self.plan.tcp_seconds))
             self.log(f"  {self.mode.name}: TCP x{s} {self.tcp_runs[s][-1].gbps:.2f} Gbit/s")
 
-    def udp(self) -> None:
+    def udp_rep(self) -> None:
+        """One zero-loss search per payload size."""
         assert self.pair is not None
         pair, plan = self.pair, self.plan
-        self.entry["udp"] = {}
         for payload in plan.payloads:
             search = traffic.RateSearch(loss_limit=plan.udp_loss_limit_percent,
                                         tolerance=plan.udp_tolerance,
@@ -169,14 +170,26 @@ class ModeRun:
                                          seconds=plan.udp_trial_seconds)
 
             traffic.udp_rate_search(trial, search)
-            self.entry["udp"][str(payload)] = {
-                "pps": search.best_pps if search.best_pps > 0 else None,
-                "converged": search.converged, "sender_limited": search.sender_limited,
-                "highest_passing_offered_pps": search.lo,
-                "lowest_failing_offered_pps": search.hi,
-                "trials": [asdict(t) for t in search.trials]}
+            self.udp_searches[payload].append(search)
             self.log(f"  {self.mode.name}: UDP {payload} B {search.best_pps:.0f} pps "
                      f"({len(search.trials)} trials, converged={search.converged})")
+
+    def _udp_summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for payload, searches in self.udp_searches.items():
+            found = [s.best_pps for s in searches if s.best_pps > 0]
+            out[str(payload)] = {
+                "pps": report.percentile(found, 50) if found else None,
+                "pps_summary": report.summarize(found),
+                "converged": bool(searches) and all(s.converged for s in searches),
+                "sender_limited": bool(searches) and all(s.sender_limited for s in searches),
+                "searches": [{"pps": s.best_pps, "converged": s.converged,
+                              "sender_limited": s.sender_limited,
+                              "highest_passing_offered_pps": s.lo,
+                              "lowest_failing_offered_pps": s.hi,
+                              "trials": len(s.trials)} for s in searches],
+                "trials": [asdict(t) for s in searches for t in s.trials]}
+        return out
 
     def finish(self) -> dict[str, Any]:
         """Summarize the TCP runs, close the lab, return the report entry."""
@@ -198,9 +211,15 @@ class ModeRun:
                                             for r in rs)
                         for k in ("user", "system", "softirq")},
                 }
+            self.entry["udp"] = self._udp_summary()
             self.entry["status"] = "ok"
-        self.lab.close()
+        self.close()
         return self.entry
+
+    def close(self) -> None:
+        if self.pair is not None:
+            self.pair.close()
+        self.lab.close()
 
 
 def run_modes(modes: list[Mode], plan: Plan, log: Callable[[str], None],
@@ -219,13 +238,14 @@ def run_modes(modes: list[Mode], plan: Plan, log: Callable[[str], None],
             log(f"== TCP repetition {rep + 1}/{plan.reps}")
             for r in runs:
                 r.phase(r.tcp_rep)
-        for r in runs:
-            log(f"== UDP zero-loss search: {r.mode.name}")
-            r.phase(r.udp)
+        for rep in range(plan.reps):
+            log(f"== UDP zero-loss search, repetition {rep + 1}/{plan.reps}")
+            for r in runs:
+                r.phase(r.udp_rep)
         return [r.finish() for r in runs]
     finally:
         for r in runs:
-            r.lab.close()
+            r.close()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

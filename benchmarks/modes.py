@@ -13,14 +13,16 @@ not landed in the tree raises :class:`ModeUnavailable`; the report then says
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.lab import Host, Lab
@@ -45,6 +47,13 @@ class Pair:
     server: Host
     log_dir: str = ""  # where dataplane processes write their output ("" = discard)
     mode: str = ""
+    cleanups: list[Callable[[], None]] = field(default_factory=list)  # run before lab.close
+
+    def close(self) -> None:
+        """Undo what the mode started outside the lab's own bookkeeping (e.g. etcd)."""
+        while self.cleanups:
+            with contextlib.suppress(Exception):
+                self.cleanups.pop()()
 
     def popen_logged(self, host: Host, *argv: str) -> subprocess.Popen[Any]:
         """Start ``argv`` in ``host``'s namespace, output to ``<log_dir>/<mode>-<host>.log``."""
@@ -129,8 +138,10 @@ def engine_options() -> dict[str, list[str]]:
     axes: dict[str, list[str]] = {}
     if "--loop" in text:
         axes["loop"] = [x for x in ("asyncio", "uvloop") if x in text]
-    if "--offload" in text:
+    if re.search(r"--offload\b", text):
         axes["offload"] = ["on", "off"]
+    if re.search(r"--batch\b", text):
+        axes["batch"] = ["1"]  # one packet per wake-up, against the default drain
     return axes
 
 
@@ -157,9 +168,38 @@ def setup_engine(pair: Pair, extra: list[str]) -> list[subprocess.Popen[Any]]:
 
 
 def setup_direct_routing(pair: Pair) -> list[subprocess.Popen[Any]]:
-    """Two `flannelette run` agents, vxlan backend with DirectRouting, via a real etcd."""
-    _module("benchmarks.cluster", "etcd + agents in the lab")
-    raise ModeUnavailable("DirectRouting wiring pending")
+    """Two `flannelette run` agents, vxlan backend with DirectRouting, via a real etcd.
+
+    The hosts share a segment, so each agent must choose the direct route for the
+    other; the setup fails (rather than measuring the tunnel under this name) if
+    either agent reports another path.
+    """
+    _module("control.agent", "the agent, flannelette run")
+    cl = _module("benchmarks.cluster", "etcd + agents in the lab")
+    cluster = cl.Cluster(pair.lab)
+
+    def close() -> None:
+        if pair.log_dir:  # keep the agents' logs; the cluster removes its work directory
+            os.makedirs(pair.log_dir, exist_ok=True)
+            for agent in cluster.agents:
+                with open(os.path.join(pair.log_dir, f"{pair.mode}-{agent.host.name}.log"),
+                          "w") as f:
+                    f.write(agent.log())
+        cluster.close()
+
+    pair.cleanups.append(close)
+    cluster.start_etcd()
+    cluster.set_config({"Network": NETWORK, "Backend": {"Type": "vxlan", "DirectRouting": True}},
+                       api=3)
+    agents = [cluster.start_agent(h, api="v3", timeout=60.0)
+              for h in (pair.client, pair.server)]
+    for agent, peer in ((agents[0], pair.server), (agents[1], pair.client)):
+        doc = cluster.wait_peers(agent, [str(peer.subnet)], timeout=60.0)
+        paths = {p["subnet"]: p.get("path") for p in doc["peers"]}
+        if paths.get(str(peer.subnet)) != "direct":
+            raise RuntimeError(f"agent on {agent.host.name} chose {paths} for a same-segment "
+                               "peer, not the direct route")
+    return [a.proc for a in agents]
 
 
 def all_modes() -> list[Mode]:
@@ -173,6 +213,7 @@ def all_modes() -> list[Mode]:
     axes = engine_options()
     loops = axes.get("loop") or ["default"]
     offloads = axes.get("offload") or [""]
+    variants: list[tuple[str, list[str]]] = []
     for loop in loops:
         for off in offloads:
             extra = [] if loop == "default" else ["--loop", loop]
@@ -180,8 +221,13 @@ def all_modes() -> list[Mode]:
             if off:
                 extra += ["--offload", off]
                 name += f"-offload-{off}"
-            modes.append(Mode(name, f"flannelette userspace VXLAN engine ({' '.join(extra)})",
-                              functools.partial(setup_engine, extra=extra), True))
+            variants.append((name, extra))
+    for batch in axes.get("batch", []):  # on top of the last (fastest default) variant
+        name, extra = variants[-1]
+        variants.append((f"{name}-batch{batch}", [*extra, "--batch", batch]))
+    for name, extra in variants:
+        modes.append(Mode(name, f"flannelette userspace VXLAN engine ({' '.join(extra)})",
+                          functools.partial(setup_engine, extra=extra), True))
     modes.append(Mode("fl-directrouting", "flannelette agents, vxlan backend with "
                       "DirectRouting on a same-segment pair", setup_direct_routing, True))
     return modes

@@ -168,7 +168,8 @@ def markdown(doc: Mapping[str, Any]) -> str:
         f"kernel {mach.get('kernel', '?')}, Python {mach.get('python', '?')}, "
         f"{mach.get('iperf3', 'iperf3 ?')}.",
         f"Method: {meth.get('reps', '?')} repetitions after {meth.get('warmup_seconds', '?')} s "
-        f"warm-up; TCP runs of {meth.get('tcp_seconds', '?')} s; UDP search with "
+        f"warm-up, modes interleaved; TCP runs of {meth.get('tcp_seconds', '?')} s; "
+        f"one UDP search per repetition with "
         f"{meth.get('udp_trial_seconds', '?')} s trials (< {meth.get('udp_loss_limit_percent')}"
         f" % loss, tolerance {meth.get('udp_tolerance')}); {meth.get('ping_count', '?')} pings."
         f" Median (min–max).",

@@ -42,3 +42,25 @@ def test_lease_key_and_value_are_flannels() -> None:
     cfg = json.loads(scale.network_config())
     assert cfg["Backend"] == {"Type": "vxlan", "DirectRouting": True}
     assert ipaddress.IPv4Network(cfg["Network"]) == scale.NETWORK
+
+
+def test_proc_net_route_parser_finds_direct_peer_routes() -> None:
+    # Captured layout of /proc/net/route: default via the core, a direct route to peer 0,
+    # a link route (no gateway) and a route outside the overlay network.
+    p0 = scale.peer_subnet(0)
+
+    def hexle(ip: str) -> str:
+        return ipaddress.IPv4Address(ip).packed[::-1].hex().upper()
+
+    rows = [("eth0", "0.0.0.0", "10.10.255.254", "0.0.0.0"),
+            ("eth0", str(p0.network_address), str(scale.peer_public_ip(0)), "255.255.255.0"),
+            ("eth0", "10.10.0.0", "0.0.0.0", "255.255.0.0"),
+            ("eth0", "10.99.0.0", "10.10.0.7", "255.255.255.0")]
+    text = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+    text += "".join(f"{i}\t{hexle(d)}\t{hexle(g)}\t0003\t0\t0\t0\t{hexle(m)}\t0\t0\t0\n"
+                    for i, d, g, m in rows)
+    routes = scale.parse_proc_net_route(text)
+    assert (p0, scale.peer_public_ip(0)) in routes
+    assert (ipaddress.IPv4Network("0.0.0.0/0"), ipaddress.IPv4Address("10.10.255.254")) in routes
+    assert len(routes) == 3  # the link route has no gateway
+    assert scale.direct_subnets(text) == {str(p0)}
