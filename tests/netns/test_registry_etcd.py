@@ -98,6 +98,24 @@ def test_config_in_neither_api_names_both_etcdctl_commands(etcd: EtcdServer) -> 
     assert f"ETCDCTL_API=2 etcdctl --endpoints {etcd.endpoint} set {PREFIX}/config" in msg
 
 
+def test_every_config_rule_through_etcdctl_v2(etcd: EtcdServer) -> None:
+    """Each bad config of the unit table, written as users do (`ETCDCTL_API=2 etcdctl
+    set`), read back through the registry, gives its one clear message."""
+    from tests.unit.test_config_rules import BAD_CONFIGS
+
+    async def fetch() -> str:
+        reg, text = await discover("v2", opts(etcd))
+        await reg.close()
+        return text
+    for text, message in BAD_CONFIGS:
+        etcd.etcdctl("set", f"{PREFIX}/config", text, api=2)
+        stored = run(fetch())
+        assert stored == text
+        with pytest.raises(ConfigError) as info:
+            parse_config(stored)
+        assert message in str(info.value), (text, str(info.value))
+
+
 @pytest.mark.parametrize("api", APIS)
 def test_malformed_config_value_is_one_clear_error(etcd: EtcdServer, api: int) -> None:
     put(etcd, api, f"{PREFIX}/config", '{"Network":"172.7.0.0/16","SubnetLen":31,'

@@ -87,7 +87,7 @@ def test_explicit_min_max_len() -> None:
     assert not cfg.contains_subnet(ipaddress.IPv4Network("10.5.1.0/24"))
 
 
-@pytest.mark.parametrize(("text", "message"), [
+BAD_CONFIGS = [
     ('{"Backend":{"Type":"vxlan"}}',
      "please define a correct Network parameter in the flannel config"),
     ('{"Network":"","Backend":{"Type":"vxlan"}}',
@@ -126,7 +126,10 @@ def test_explicit_min_max_len() -> None:
     ('{"Network":"10.5.0.0/16",', "not valid JSON"),
     ('["10.5.0.0/16"]', "must be a JSON object"),
     ('{"Network":"10.5.0.0/16","Backend":"vxlan"}', "error decoding Backend property"),
-])
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD_CONFIGS)
 def test_every_rule_has_its_message(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(text)
