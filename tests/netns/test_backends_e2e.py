@@ -108,7 +108,7 @@ def restart_with(world: ThreeHosts, config: str, *flags: str) -> None:
 
 
 def peer_row(doc: dict[str, Any], host: Host) -> dict[str, Any]:
-    rows = [p for p in doc["peers"] if p["subnet"] == subnet(host)]
+    rows: list[dict[str, Any]] = [p for p in doc["peers"] if p["subnet"] == subnet(host)]
     assert len(rows) == 1, doc["peers"]
     return rows[0]
 
