@@ -23,9 +23,11 @@ table built from the whole peer set.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import os
 import socket
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -54,6 +56,8 @@ class EngineConfig:
     batch: int = 256  # packets drained per reader wake-up before yielding to the loop
     tun_txqueuelen: int | None = 1000  # the TUN default (500) overflows under TCP bursts
     socket_buffer: int = udp.BUFFER_BYTES
+    # TUN TSO + UDP GSO/GRO + userspace GRO: one system call moves up to ~64 KB.
+    offload: bool = False
 
     def __post_init__(self) -> None:
         if len(self.vtep_mac) != 6 or self.vtep_mac[0] & 1:
@@ -75,9 +79,15 @@ class EngineConfig:
         return self.tun_name or f"flannel.{self.vni}"
 
 
-# Per tunnelled peer, what the hot path needs: (VtepMAC, sendto address, counters).
-# counters = [tx_packets, tx_bytes, rx_packets, rx_bytes]
-_Route = tuple[bytes, tuple[str, int], list[int]]
+# Per tunnelled peer, what the hot path needs: (VtepMAC, sendto address, counters,
+# VXLAN + Ethernet prefix). counters = [tx_packets, tx_bytes, rx_packets, rx_bytes]
+_Route = tuple[bytes, tuple[str, int], list[int], bytes]
+SOL_UDP = 17
+UDP_SEGMENT = 103  # missing from Python 3.11's socket module
+UDP_GRO = 104
+_GSO_MAX_SEGS = 64
+_UDP_MAX = 65507
+_CMSG_GRO = socket.CMSG_SPACE(4)
 
 
 @dataclass(frozen=True)
@@ -116,6 +126,11 @@ class Engine:
         # UDP -> TUN buffer.
         self._rxbuf = bytearray(_BUF)
         self._rxview = memoryview(self._rxbuf)
+        # Offload mode: TSO segments are built here; GRO merges into the coalescer.
+        self._segbuf = bytearray(2 * _BUF) if config.offload else bytearray()
+        self._segview = memoryview(self._segbuf)
+        self._gro = offload.Coalescer() if config.offload else None
+        self._udp_gso = True  # cleared when the kernel refuses UDP_SEGMENT
 
     # ---- public API -------------------------------------------------------------------
     @property
@@ -135,8 +150,15 @@ class Engine:
             os.close(self._tun_fd)
             self._tun_fd = -1
             raise
-        self._loop.add_reader(self._tun_fd, self._on_tun)
-        self._loop.add_reader(self._sock.fileno(), self._on_udp)
+        if cfg.offload:
+            tun.set_offload(self._tun_fd, tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO6
+                            | tun.TUN_F_TSO_ECN)
+            self._sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+            self._loop.add_reader(self._tun_fd, self._on_tun_offload)
+            self._loop.add_reader(self._sock.fileno(), self._on_udp_offload)
+        else:
+            self._loop.add_reader(self._tun_fd, self._on_tun)
+            self._loop.add_reader(self._sock.fileno(), self._on_udp)
 
     def set_peers(self, peers: Iterable[Peer]) -> None:
         """Replace the whole peer set at once; only Path.VXLAN peers are tunnelled."""
@@ -148,7 +170,8 @@ class Engine:
             name = str(e.peer.subnet)
             c = self._counters.get(name) or [0, 0, 0, 0]
             counters[name] = c
-            route: _Route = (e.vtep_mac, (e.public_ip_str, self.config.port), c)
+            prefix = self._vxlan + e.vtep_mac + self._eth_tail
+            route: _Route = (e.vtep_mac, (e.public_ip_str, self.config.port), c, prefix)
             tx[key] = route
             rx[e.public_ip_str] = route
         self._counters = counters
@@ -307,3 +330,175 @@ class Engine:
             self._n[6] += 1
         except OSError:
             self._drops[DropReason.SEND_FAILED] += 1
+
+    # ---- offload mode: TUN TSO + UDP GSO out, UDP GRO + userspace GRO in -----------------
+    def _on_tun_offload(self) -> None:
+        """Read TSO super-packets; split into MSS segments; one UDP GSO send per ~64 KB."""
+        sock = self._sock
+        if sock is None:
+            return
+        fd, bufs, buf, view = self._tun_fd, self._txin, self._txbuf, self._txview
+        table = self._table
+        tx, mask = table.tx, table.mask
+        drops, eth_tail = self._drops, self._eth_tail
+        unpack = offload.VNET_HDR.unpack_from
+        count = 0
+        batch = self.config.batch
+        while count < batch:
+            try:
+                n = os.readv(fd, bufs)
+            except BlockingIOError:
+                break
+            except OSError:
+                drops[DropReason.TRUNCATED] += 1
+                break
+            count += 1
+            plen = n - offload.VNET_HDR_LEN
+            bad = wire.check_tun_packet(buf, wire.OFF_IP, plen, 65535)
+            if bad is not None:
+                drops[bad] += 1
+                continue
+            route = tx.get(int.from_bytes(buf[38:42], "big") & mask)
+            if route is None:
+                self._unreachable(plen)
+                continue
+            flags, gso_type, _, gso_size, csum_start, csum_off = unpack(buf, _HEAD)
+            c = route[2]
+            if gso_type == offload.GSO_NONE:
+                if flags & offload.F_NEEDS_CSUM:
+                    offload.complete_checksum(buf, wire.OFF_IP, plen, csum_start, csum_off)
+                buf[8:14] = route[0]
+                buf[14:22] = eth_tail
+                try:
+                    sock.sendto(view[:n + _HEAD], route[1])
+                except OSError:
+                    drops[DropReason.SEND_FAILED] += 1
+                    continue
+                c[0] += 1
+                c[1] += plen
+            elif gso_type & ~offload.GSO_ECN == offload.GSO_TCPV4 and gso_size > 0:
+                used, segs, seglen = offload.tso_split(buf, wire.OFF_IP, plen, gso_size,
+                                                       self._segbuf, route[3])
+                self._send_segments(sock, used, seglen, route[1])
+                c[0] += segs
+                c[1] += used - segs * wire.ENCAP_HLEN
+            else:
+                drops[DropReason.OVERSIZE] += 1
+        nn = self._n
+        nn[0] += count
+        nn[2] += 1
+        if count > nn[4]:
+            nn[4] = count
+
+    def _send_segments(self, sock: socket.socket, used: int, seglen: int,
+                       addr: tuple[str, int]) -> None:
+        """Send ``segbuf[:used]`` (datagrams of ``seglen``, the last shorter) to ``addr``."""
+        view = self._segview
+        per_call = min(_GSO_MAX_SEGS, _UDP_MAX // seglen) * seglen
+        off = 0
+        while off < used:
+            chunk = min(used - off, per_call)
+            if self._udp_gso:
+                try:
+                    sock.sendmsg([view[off:off + chunk]],
+                                 [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", seglen))], 0, addr)
+                    off += chunk
+                    continue
+                except OSError as e:
+                    if e.errno not in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP):
+                        self._drops[DropReason.SEND_FAILED] += 1
+                        off += chunk
+                        continue
+                    self._udp_gso = False  # no UDP GSO here: one datagram per segment
+            end = off + chunk
+            while off < end:
+                try:
+                    sock.sendto(view[off:min(off + seglen, end)], addr)
+                except OSError:
+                    self._drops[DropReason.SEND_FAILED] += 1
+                off += seglen
+
+    def _on_udp_offload(self) -> None:
+        """Receive GRO batches; check each datagram; merge TCP segments for the TUN."""
+        sock, gro = self._sock, self._gro
+        if sock is None or gro is None:
+            return
+        buf, view, fd = self._rxbuf, self._rxview, self._tun_fd
+        rx = self._table.rx
+        recvmsg, write, check, fill = (sock.recvmsg_into, os.write, wire.check_frame,
+                                       offload.fill_rx_vnet_hdr)
+        vx, own, mtu, drops, nn = self._vxlan, self._own_mac, self.config.mtu, self._drops, self._n
+        bufs = [view]
+        dontwait = socket.MSG_DONTWAIT
+        count = 0
+        batch = self.config.batch
+        while count < batch:
+            try:
+                n, anc, _, addr = recvmsg(bufs, _CMSG_GRO, dontwait)
+            except BlockingIOError:
+                break
+            except OSError:
+                break
+            count += 1
+            step = n
+            if anc and n > wire.OFF_IP + 4:
+                level, kind, data = anc[0]
+                if level == SOL_UDP and kind == UDP_GRO:
+                    step = struct.unpack("=i", data[:4])[0] or n
+                    # A kernel VXLAN sender's ~64 KB datagram carries its inner MSS as
+                    # gso_size: one frame, not a batch (its IP length covers it all).
+                    if wire.OFF_IP + ((buf[24] << 8) | buf[25]) >= n:
+                        step = n
+            route = rx.get(addr[0])
+            known = route is not None
+            off = 0
+            while off < n or off == 0:  # once at least: an empty datagram is counted too
+                seg_n = min(step, n - off)
+                seg = view[off:off + seg_n] if step != n else view
+                off += step or 1
+                verdict = check(seg, seg_n, vx, own, mtu, known)
+                if verdict is Frame.IPV4:
+                    ip_len = (seg[24] << 8) | seg[25]
+                    if route is not None:
+                        c = route[2]
+                        c[2] += 1
+                        c[3] += ip_len
+                    if gro.ip_len and gro.append(seg, wire.OFF_IP, ip_len):
+                        continue
+                    if gro.ip_len:
+                        self._write_gro(fd, gro.finish(mtu))
+                    if gro.can_start(seg, wire.OFF_IP, ip_len, mtu):
+                        gro.start(seg, wire.OFF_IP, ip_len)
+                        continue
+                    kind = fill(seg, _HEAD, wire.OFF_IP, ip_len, mtu)
+                    try:
+                        write(fd, seg[_HEAD:wire.OFF_IP + ip_len])
+                    except OSError:
+                        drops[DropReason.TUN_WRITE_FAILED] += 1
+                        continue
+                    if kind:
+                        nn[7 + kind] += 1
+                elif verdict is Frame.ARP:
+                    if step == n:
+                        self._arp(n, addr[0])
+                    else:
+                        drops[DropReason.ARP_IGNORED] += 1
+                else:
+                    drops[verdict] += 1
+            if gro.ip_len:
+                self._write_gro(fd, gro.finish(mtu))
+        nn[1] += count
+        nn[3] += 1
+        if count > nn[5]:
+            nn[5] = count
+
+    def _write_gro(self, fd: int, packet: memoryview) -> None:
+        try:
+            os.write(fd, packet)
+        except OSError:
+            self._drops[DropReason.TUN_WRITE_FAILED] += 1
+            return
+        if packet[1] != offload.GSO_NONE:
+            self._n[9] += 1
+        elif packet[0] & offload.F_NEEDS_CSUM:
+            self._n[8] += 1

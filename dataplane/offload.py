@@ -89,7 +89,8 @@ def l4_checksum(buf: bytes | bytearray | memoryview, ip_off: int, ip_len: int) -
     return csum
 
 
-def fill_rx_vnet_hdr(buf: bytearray, hdr_off: int, ip_off: int, ip_len: int, mtu: int) -> int:
+def fill_rx_vnet_hdr(buf: bytearray | memoryview, hdr_off: int, ip_off: int, ip_len: int,
+                     mtu: int) -> int:
     """Write the virtio_net_hdr for a packet received from a peer; return RX_* for stats.
 
     ``buf[ip_off:ip_off+ip_len]`` is a checked IPv4 packet (wire.check_ipv4);
@@ -132,3 +133,200 @@ def fill_rx_vnet_hdr(buf: bytearray, hdr_off: int, ip_off: int, ip_len: int, mtu
         return RX_CSUM_PARTIAL
     buf[hdr_off:hdr_off + VNET_HDR_LEN] = _ZERO_HDR
     return RX_PLAIN
+
+
+# ---- TSO split (TUN super-packet -> MSS segments) ---------------------------------------
+
+def complete_checksum(buf: bytearray | memoryview, ip_off: int, ip_len: int,
+                      csum_start: int, csum_offset: int) -> None:
+    """Finish a NEEDS_CSUM checksum: the field holds the pseudo sum; sum from csum_start."""
+    start = ip_off + csum_start
+    pos = start + csum_offset
+    n = int.from_bytes(buf[start:ip_off + ip_len], "big")
+    if (ip_off + ip_len - start) & 1:
+        n <<= 8
+    s = n % 0xFFFF
+    csum = ~(s or 0xFFFF) & 0xFFFF
+    if csum == 0 and buf[ip_off + 9] == 17:
+        csum = 0xFFFF
+    buf[pos] = csum >> 8
+    buf[pos + 1] = csum & 0xFF
+
+
+def tso_split(src: bytearray | memoryview, ip_off: int, ip_len: int, gso_size: int,
+              out: bytearray | memoryview, prefix: bytes) -> tuple[int, int, int]:
+    """Segment the TCP/IPv4 super-packet ``src[ip_off:ip_off+ip_len]`` into ``out``.
+
+    Each segment is written as ``prefix`` (the 22-byte VXLAN + Ethernet header)
+    + IPv4 + TCP + at most ``gso_size`` payload bytes, back to back, so ``out``
+    is ready for one UDP GSO send with segment size ``seglen``. Per segment:
+    IPv4 id + i, total length and header checksum; TCP seq + offset; FIN/PSH only
+    on the last, CWR only on the first; a full TCP checksum (the receiver may be
+    a kernel). Returns (bytes used, segments, seglen of the full-size segments).
+    """
+    ihl = (src[ip_off] & 0x0F) << 2
+    thl = (src[ip_off + ihl + 12] >> 4) << 2
+    hl = ihl + thl
+    plen = len(prefix)
+    hdr = bytes(src[ip_off:ip_off + hl])
+    ident = (hdr[4] << 8) | hdr[5]
+    seq = int.from_bytes(hdr[ihl + 4:ihl + 8], "big")
+    flags = hdr[ihl + 13]
+    addr_sum = int.from_bytes(hdr[12:20], "big") % 0xFFFF + 6
+    pos = 0
+    i = 0
+    off = hl
+    while off < ip_len:
+        seg = min(gso_size, ip_len - off)
+        last = off + seg >= ip_len
+        o = pos + plen
+        out[pos:o] = prefix
+        out[o:o + hl] = hdr
+        tot = hl + seg
+        out[o + 2] = tot >> 8
+        out[o + 3] = tot & 0xFF
+        idn = (ident + i) & 0xFFFF
+        out[o + 4] = idn >> 8
+        out[o + 5] = idn & 0xFF
+        out[o + 10] = 0
+        out[o + 11] = 0
+        n = int.from_bytes(out[o:o + ihl], "big") % 0xFFFF
+        c = ~(n or 0xFFFF) & 0xFFFF
+        out[o + 10] = c >> 8
+        out[o + 11] = c & 0xFF
+        t = o + ihl
+        out[t + 4:t + 8] = ((seq + off - hl) & 0xFFFFFFFF).to_bytes(4, "big")
+        f = flags
+        if not last:
+            f &= ~0x09  # FIN, PSH
+        if i:
+            f &= ~0x80  # CWR
+        out[t + 13] = f
+        out[t + 16] = 0
+        out[t + 17] = 0
+        out[o + hl:o + tot] = src[ip_off + off:ip_off + off + seg]
+        n = int.from_bytes(out[t:o + tot], "big")
+        if (tot - ihl) & 1:
+            n <<= 8
+        s = (n % 0xFFFF + addr_sum + tot - ihl) % 0xFFFF
+        c = ~(s or 0xFFFF) & 0xFFFF
+        out[t + 16] = c >> 8
+        out[t + 17] = c & 0xFF
+        pos = o + tot
+        off += seg
+        i += 1
+    return pos, i, plen + hl + gso_size
+
+
+# ---- userspace GRO (MSS segments -> one GSO super-packet for the TUN) -------------------
+
+_GRO_MAX = 65535
+
+
+class Coalescer:
+    """Merges consecutive TCP segments of one flow into one GSO_TCPV4 TUN write.
+
+    The segments arrive in one UDP GRO batch; merging them lets one TUN write
+    carry ~64 KB instead of one MSS. A segment may join when it continues the
+    held flow exactly (same addresses, ports, ACK number, header length and
+    options, next sequence number, only ACK/PSH set, no larger than the first
+    segment, the previous one full-size). PSH closes the packet. The merged
+    packet goes out with the pseudo-header sum and NEEDS_CSUM, as kernel GRO does.
+    Pure: it only fills its own buffer; the engine writes :meth:`finish`'s view.
+    """
+
+    def __init__(self) -> None:
+        self.buf = bytearray(VNET_HDR_LEN + _GRO_MAX + 64)
+        self.view = memoryview(self.buf)
+        self.ip_len = 0  # 0: nothing held
+        self.count = 0
+        self.mss = 0
+        self.hl = 0
+        self.ihl = 0
+        self.next_seq = 0
+        self.closed = False
+
+    @staticmethod
+    def can_start(buf: bytearray | memoryview, off: int, ip_len: int, mtu: int) -> bool:
+        """True for a plain ACK(+PSH) TCP data segment that is worth holding."""
+        if buf[off + 9] != 6 or (buf[off + 6] & 0x3F) | buf[off + 7] or ip_len > mtu:
+            return False
+        ihl = (buf[off] & 0x0F) << 2
+        t = off + ihl
+        if ihl + 20 > ip_len:
+            return False
+        thl = (buf[t + 12] >> 4) << 2
+        return buf[t + 13] & ~0x08 == 0x10 and ip_len > ihl + thl and buf[t + 13] & 0x08 == 0
+
+    def start(self, buf: bytearray | memoryview, off: int, ip_len: int) -> None:
+        """Hold this segment (can_start was True)."""
+        b = self.buf
+        b[VNET_HDR_LEN:VNET_HDR_LEN + ip_len] = buf[off:off + ip_len]
+        ihl = (buf[off] & 0x0F) << 2
+        hl = ihl + ((buf[off + ihl + 12] >> 4) << 2)
+        self.ip_len, self.count, self.ihl, self.hl = ip_len, 1, ihl, hl
+        self.mss = ip_len - hl
+        self.next_seq = (int.from_bytes(buf[off + ihl + 4:off + ihl + 8], "big") + self.mss
+                         ) & 0xFFFFFFFF
+        self.closed = False
+
+    def append(self, buf: bytearray | memoryview, off: int, ip_len: int) -> bool:
+        """Add this segment to the held packet if it continues it; False if not."""
+        if self.closed:
+            return False
+        b, h, ihl, hl = self.buf, VNET_HDR_LEN, self.ihl, self.hl
+        if buf[off + 9] != 6 or (buf[off] & 0x0F) << 2 != ihl or (buf[off + 6] & 0x3F) | buf[
+                off + 7]:
+            return False
+        t = off + ihl
+        if (buf[t + 12] >> 4) << 2 != hl - ihl:
+            return False
+        pay = ip_len - hl
+        if pay <= 0 or pay > self.mss or self.ip_len + pay > _GRO_MAX:
+            return False
+        if buf[t + 13] & ~0x08 != 0x10:
+            return False
+        if int.from_bytes(buf[t + 4:t + 8], "big") != self.next_seq:
+            return False
+        ht = h + ihl
+        if (buf[off + 12:off + 20] != b[h + 12:h + 20] or buf[t:t + 4] != b[ht:ht + 4]
+                or buf[t + 8:t + 12] != b[ht + 8:ht + 12]
+                or buf[t + 20:off + hl] != b[ht + 20:h + hl]
+                or buf[off + 1] != b[h + 1] or buf[off + 8] != b[h + 8]):
+            return False
+        end = h + self.ip_len
+        b[end:end + pay] = buf[off + hl:off + ip_len]
+        self.ip_len += pay
+        self.count += 1
+        self.next_seq = (self.next_seq + pay) & 0xFFFFFFFF
+        if buf[t + 13] & 0x08:
+            b[ht + 13] |= 0x08
+            self.closed = True
+        elif pay < self.mss:
+            self.closed = True
+        return True
+
+    def finish(self, mtu: int) -> memoryview:
+        """The held packet with its vnet header in front, ready for one TUN write; resets."""
+        b, h, ip_len = self.buf, VNET_HDR_LEN, self.ip_len
+        if self.count == 1:
+            fill_rx_vnet_hdr(b, 0, h, ip_len, mtu)
+        else:
+            ihl = self.ihl
+            b[h + 2] = ip_len >> 8
+            b[h + 3] = ip_len & 0xFF
+            b[h + 10] = 0
+            b[h + 11] = 0
+            n = int.from_bytes(b[h:h + ihl], "big") % 0xFFFF
+            c = ~(n or 0xFFFF) & 0xFFFF
+            b[h + 10] = c >> 8
+            b[h + 11] = c & 0xFF
+            pseudo = pseudo_header_sum(b, h, 6, ip_len - ihl)
+            pos = h + ihl + TCP_CSUM_OFFSET
+            b[pos] = pseudo >> 8
+            b[pos + 1] = pseudo & 0xFF
+            VNET_HDR.pack_into(b, 0, F_NEEDS_CSUM, GSO_TCPV4, self.hl, self.mss, ihl,
+                               TCP_CSUM_OFFSET)
+        self.ip_len = 0
+        self.count = 0
+        return self.view[:h + ip_len]

@@ -86,6 +86,8 @@ def _parser() -> _Parser:
                    metavar="SUBNET,PUBLICIP,VTEPMAC", help="a peer (repeatable)")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     p.add_argument("--batch", type=int, default=256, help="packets drained per wake-up")
+    p.add_argument("--offload", choices=("on", "off"), default="off",
+                   help="TUN TSO + UDP GSO/GRO + userspace GRO (default off)")
     p.add_argument("--stats-file", default=None, help="JSON stats, rewritten periodically")
     p.add_argument("--stats-interval", type=float, default=0.5, help="seconds between writes")
     return p
@@ -151,7 +153,8 @@ def main(argv: list[str]) -> int:
         config = EngineConfig(
             subnet=args.subnet, public_ip=args.public_ip,
             vtep_mac=args.vtep_mac or wire.random_vtep_mac(), vni=args.vni, mtu=args.mtu,
-            tun_name=args.tun_name, port=args.port, batch=args.batch)
+            tun_name=args.tun_name, port=args.port, batch=args.batch,
+            offload=args.offload == "on")
         if args.stats_interval <= 0:
             raise _UsageError(f"--stats-interval must be > 0, got {args.stats_interval}")
         coro = _run(config, args.peer, args.stats_file, args.stats_interval)

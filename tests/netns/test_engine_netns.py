@@ -2,8 +2,8 @@
 
 Container-to-container ping both ways, a few MB over TCP with the SHA-256
 compared at the far end, ICMP host-unreachable for a destination without a
-peer, on uvloop and on plain asyncio. The helpers here are reused by the
-interop and malformed-frame tests.
+peer, on uvloop and on plain asyncio, and with the offload mode on. The helpers
+here are reused by the interop and malformed-frame tests.
 """
 
 from __future__ import annotations
@@ -105,17 +105,18 @@ def wait_stats(path: Path, ok: Callable[[EngineStats], bool], deadline: float = 
 @pytest.fixture
 def engines(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest
             ) -> tuple[Lab, Host, Host, Path, Path]:
-    loop = getattr(request, "param", "uvloop")
+    loop, offload = getattr(request, "param", ("uvloop", "off"))
     lab.add_segment("A", "10.10.1.0/24")
     h1 = lab.add_host("h1", "A", "10.244.1.0/24")
     h2 = lab.add_host("h2", "A", "10.244.2.0/24")
     s1, s2 = tmp_path / "h1.json", tmp_path / "h2.json"
-    start_engine(lab, h1, MAC1, [(h2, MAC2)], s1, "--loop", loop)
-    start_engine(lab, h2, MAC2, [(h1, MAC1)], s2, "--loop", loop)
+    start_engine(lab, h1, MAC1, [(h2, MAC2)], s1, "--loop", loop, "--offload", offload)
+    start_engine(lab, h2, MAC2, [(h1, MAC1)], s2, "--loop", loop, "--offload", offload)
     return lab, h1, h2, s1, s2
 
 
-@pytest.mark.parametrize("engines", ["uvloop", "asyncio"], indirect=True)
+@pytest.mark.parametrize("engines", [("uvloop", "off"), ("asyncio", "off"), ("uvloop", "on")],
+                         indirect=True, ids=["uvloop", "asyncio", "uvloop-offload"])
 def test_two_engines_ping_and_tcp_both_ways(engines: tuple[Lab, Host, Host, Path, Path]
                                             ) -> None:
     lab, h1, h2, s1, s2 = engines

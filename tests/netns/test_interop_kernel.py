@@ -17,7 +17,7 @@ from tests.netns.test_engine_netns import MAC1, start_engine, tcp_transfer, wait
 pytestmark = pytest.mark.netns
 
 
-def _setup(lab: Lab, tmp_path: Path, static_neighbour: bool
+def _setup(lab: Lab, tmp_path: Path, static_neighbour: bool, offload: str = "off"
            ) -> tuple[Host, Host, KernelVxlan, Path]:
     lab.add_segment("A", "10.10.1.0/24")
     h1 = lab.add_host("h1", "A", "10.244.1.0/24")
@@ -25,7 +25,7 @@ def _setup(lab: Lab, tmp_path: Path, static_neighbour: bool
     kv = KernelVxlan.create(h2.ns, "10.244.2.0/24", str(h2.ip))
     kv.add_peer("10.244.1.0/24", str(h1.ip), MAC1, static_neighbour=static_neighbour)
     stats = tmp_path / "h1.json"
-    start_engine(lab, h1, MAC1, [(h2, kv.mac)], stats)
+    start_engine(lab, h1, MAC1, [(h2, kv.mac)], stats, "--offload", offload)
     return h1, h2, kv, stats
 
 
@@ -40,8 +40,10 @@ def _ping_and_tcp_both_ways(lab: Lab, h1: Host, h2: Host) -> None:
     assert sent == received and sent.startswith(str(4 << 20)), "engine -> kernel"
 
 
-def test_engine_and_kernel_vxlan_static_neighbour(lab: Lab, tmp_path: Path) -> None:
-    h1, h2, kv, stats = _setup(lab, tmp_path, static_neighbour=True)
+@pytest.mark.parametrize("offload", ["off", "on"])
+def test_engine_and_kernel_vxlan_static_neighbour(lab: Lab, tmp_path: Path, offload: str
+                                                  ) -> None:
+    h1, h2, kv, stats = _setup(lab, tmp_path, static_neighbour=True, offload=offload)
     assert kv.mtu == 1450 and kv.name == "flannel.1"
     _ping_and_tcp_both_ways(lab, h1, h2)
     s = wait_stats(stats, lambda s: min(s.peers["10.244.2.0/24"].rx_bytes,
@@ -53,8 +55,10 @@ def test_engine_and_kernel_vxlan_static_neighbour(lab: Lab, tmp_path: Path) -> N
     assert s.drops["tun_write_failed"] == 0
 
 
-def test_engine_answers_kernel_arp_over_the_tunnel(lab: Lab, tmp_path: Path) -> None:
-    h1, h2, kv, stats = _setup(lab, tmp_path, static_neighbour=False)
+@pytest.mark.parametrize("offload", ["off", "on"])
+def test_engine_answers_kernel_arp_over_the_tunnel(lab: Lab, tmp_path: Path, offload: str
+                                                   ) -> None:
+    h1, h2, kv, stats = _setup(lab, tmp_path, static_neighbour=False, offload=offload)
     _ping_and_tcp_both_ways(lab, h1, h2)
     s = wait_stats(stats, lambda s: s.arp_replies >= 1)
     assert s.arp_replies >= 1

@@ -38,15 +38,16 @@ def _send(lab: Lab, src: Host, dst: Host, frames: list[bytes]) -> None:
     assert proc.returncode == 0
 
 
-def test_every_rx_drop_reason_is_counted_and_forwarding_continues(lab: Lab,
-                                                                 tmp_path: Path) -> None:
+@pytest.mark.parametrize("offload", ["off", "on"])
+def test_every_rx_drop_reason_is_counted_and_forwarding_continues(lab: Lab, tmp_path: Path,
+                                                                 offload: str) -> None:
     lab.add_segment("A", "10.10.1.0/24")
     h1 = lab.add_host("h1", "A", "10.244.1.0/24")
     h2 = lab.add_host("h2", "A", "10.244.2.0/24")
     h3 = lab.add_host("h3", "A")
     s1, s2 = tmp_path / "h1.json", tmp_path / "h2.json"
-    engine = start_engine(lab, h1, MAC1, [(h2, MAC2)], s1)
-    start_engine(lab, h2, MAC2, [(h1, MAC1)], s2)
+    engine = start_engine(lab, h1, MAC1, [(h2, MAC2)], s1, "--offload", offload)
+    start_engine(lab, h2, MAC2, [(h1, MAC1)], s2, "--offload", offload)
     assert h1.container_ns and h2.container_ns and h1.container_ip and h2.container_ip
     assert lab.wait_ping(h2.container_ns, h1.container_ip)
 

@@ -7,7 +7,7 @@ import struct
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
@@ -148,6 +148,7 @@ def test_mac_round_trip(mac: bytes) -> None:
     assert wire.mac_from_str(wire.mac_to_str(mac)) == mac
 
 
+@settings(deadline=None)  # scapy builds each example: slow on a loaded machine
 @given(st.sampled_from([1, 2]), macs, st.binary(min_size=4, max_size=4), macs,
        st.binary(min_size=4, max_size=4))
 def test_arp_round_trip(op: int, sha: bytes, spa: bytes, tha: bytes, tpa: bytes) -> None:
@@ -158,6 +159,7 @@ def test_arp_round_trip(op: int, sha: bytes, spa: bytes, tha: bytes, tpa: bytes)
                                    pdst=str(ipaddress.IPv4Address(tpa))))
 
 
+@settings(deadline=None)  # scapy builds each example: slow on a loaded machine
 @given(st.binary(min_size=0, max_size=MTU - 28), st.integers(1, 255))
 def test_valid_frames_pass_and_decapsulate(payload: bytes, ttl: int) -> None:
     ip = bytes(IP(src="10.244.2.2", dst="10.244.1.2", ttl=ttl) / UDP() / payload)
