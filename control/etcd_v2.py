@@ -23,7 +23,7 @@ import urllib3.exceptions
 
 from control.errors import RegistryError, RegistryUnavailable, ResyncRequired
 from control.lease import RawLease, parse_key, subnet_key, subnets_dir
-from control.registry import EtcdOptions, LeaseSnapshot, WatchBatch, WatchEvent
+from control.registry import ConfigEvent, EtcdOptions, LeaseSnapshot, WatchBatch, WatchEvent
 
 T = TypeVar("T")
 _REMOVED = frozenset({"delete", "expire", "compareAndDelete"})
@@ -238,6 +238,35 @@ class EtcdV2Registry:
                 return WatchBatch((WatchEvent(subnet, None),), index)
             return WatchBatch((WatchEvent(subnet, str(res.value),
                                           parse_expiration(res.expiration)),), index)
+        return await self._call(wait, timeout=timeout + self._options.timeout)
+
+    # ---- ConfigWatch (live reconfiguration) --------------------------------------------
+    async def get_config_rev(self) -> tuple[str | None, int]:
+        key = f"{self._options.prefix.rstrip('/')}/config"
+
+        def read(c: etcd.Client) -> tuple[str | None, int]:
+            try:
+                res = c.read(key)
+            except etcd.EtcdKeyNotFound:
+                return None, int(c.read("/", recursive=False).etcd_index)
+            return str(res.value), int(res.etcd_index)
+        return await self._call(read)
+
+    async def watch_config(self, cursor: int, timeout: float) -> ConfigEvent:
+        key = f"{self._options.prefix.rstrip('/')}/config"
+
+        def wait(c: etcd.Client) -> ConfigEvent:
+            try:
+                res: Any = c.read(key, wait=True, waitIndex=cursor + 1, timeout=timeout)
+            except etcd.EtcdWatchTimedOut:
+                return ConfigEvent(False, None, cursor)
+            except etcd.EtcdEventIndexCleared as exc:
+                raise ResyncRequired(f"etcd v2 event index {cursor + 1} cleared: {exc}"
+                                     ) from None
+            index = int(res.modifiedIndex)
+            if res.action in _REMOVED:
+                return ConfigEvent(True, None, index)
+            return ConfigEvent(True, str(res.value), index)
         return await self._call(wait, timeout=timeout + self._options.timeout)
 
     async def close(self) -> None:

@@ -22,7 +22,7 @@ import aetcd.rtypes
 
 from control.errors import FlagError, RegistryUnavailable, ResyncRequired
 from control.lease import RawLease, parse_key, subnet_key, subnets_dir
-from control.registry import EtcdOptions, LeaseSnapshot, WatchBatch, WatchEvent
+from control.registry import ConfigEvent, EtcdOptions, LeaseSnapshot, WatchBatch, WatchEvent
 
 _END = object()  # the watch stream ended
 
@@ -66,6 +66,7 @@ class EtcdV3Registry:
         self._current = 0
         self._client: aetcd.Client | None = None
         self._stream: _Stream | None = None
+        self._config_stream: _Stream | None = None
         self._prefix = subnets_dir(options.prefix).encode() + b"/"
 
     async def _connect(self) -> aetcd.Client:
@@ -83,6 +84,7 @@ class EtcdV3Registry:
         stream, self._stream = self._stream, None
         if stream is not None:
             await stream.close()
+        await self._close_config_stream()
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(Exception):
@@ -216,10 +218,69 @@ class EtcdV3Registry:
             self._stream.start = cursor + 1  # what a re-open would ask for
         return WatchBatch(tuple(events), cursor)
 
+    # ---- ConfigWatch (live reconfiguration) --------------------------------------------
+    def _config_key(self) -> bytes:
+        return f"{self._options.prefix.rstrip('/')}/config".encode()
+
+    async def _close_config_stream(self) -> None:
+        stream, self._config_stream = self._config_stream, None
+        if stream is not None:
+            await stream.close()
+
+    async def get_config_rev(self) -> tuple[str | None, int]:
+        key = self._config_key()
+        client = await self._connect()
+        res = await self._guard(client.get_range(key, key + b"\0"))
+        value = None
+        for kv in res.kvs:
+            value = bytes(kv.value).decode("utf-8", "replace")
+        return value, int(res.header.revision)
+
+    async def watch_config(self, cursor: int, timeout: float) -> ConfigEvent:
+        stream = self._config_stream
+        if stream is None or stream.start != cursor + 1:
+            await self._close_config_stream()
+            client = await self._connect()
+            try:
+                watch = await asyncio.wait_for(
+                    client.watch(self._config_key(), start_revision=cursor + 1),
+                    self._options.timeout + 1.0)
+            except aetcd.exceptions.RevisionCompactedError as exc:
+                raise ResyncRequired(f"etcd v3 revision {cursor + 1} compacted: {exc}"
+                                     ) from None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                err = self._unavailable(exc)
+                await self._drop()
+                raise err from None
+            stream = self._config_stream = _Stream(watch, cursor + 1)
+        while True:
+            try:
+                item = await asyncio.wait_for(stream.queue.get(), timeout)
+            except TimeoutError:
+                return ConfigEvent(False, None, cursor)
+            if item is _END or isinstance(item, BaseException):
+                await self._close_config_stream()
+                if isinstance(item, aetcd.exceptions.RevisionCompactedError):
+                    raise ResyncRequired(f"etcd v3 config watch compacted: {item}")
+                err = self._unavailable(item if isinstance(item, BaseException)
+                                        else RuntimeError("config watch stream ended"))
+                await self._drop()
+                raise err
+            rev = int(item.kv.mod_revision)
+            if rev <= cursor:
+                continue
+            stream.start = rev + 1  # one event per call; the stream stays open
+            if item.kind == aetcd.rtypes.EventKind.DELETE:
+                return ConfigEvent(True, None, rev)
+            return ConfigEvent(True, bytes(item.kv.value).decode("utf-8", "replace"), rev)
+
     async def close(self) -> None:
         stream, self._stream = self._stream, None
         if stream is not None:
             await stream.close()
+        await self._close_config_stream()
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(Exception):

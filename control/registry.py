@@ -12,7 +12,7 @@ import ipaddress
 import logging
 import urllib.parse
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from control.errors import ConfigNotFound, FlagError, RegistryError, RegistryUnavailable
 from control.lease import RawLease
@@ -44,6 +44,16 @@ class WatchBatch:
     """Events after a cursor, and the cursor to continue from."""
 
     events: tuple[WatchEvent, ...]
+    cursor: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigEvent:
+    """The config key after a cursor: ``changed`` False means the wait timed out;
+    ``value`` None means the key was deleted (or is absent)."""
+
+    changed: bool
+    value: str | None
     cursor: int
 
 
@@ -121,6 +131,23 @@ class Registry(Protocol):
         ...
 
     async def close(self) -> None:
+        ...
+
+
+@runtime_checkable
+class ConfigWatch(Protocol):
+    """Watching ``<prefix>/config`` for live reconfiguration (both etcd registries).
+
+    Separate from :class:`Registry` so registries that cannot watch the config
+    (e.g. the tests' in-memory one) still are Registries; the agent checks."""
+
+    async def get_config_rev(self) -> tuple[str | None, int]:
+        """The config text (None if absent) and the cursor to watch from."""
+        ...
+
+    async def watch_config(self, cursor: int, timeout: float) -> ConfigEvent:
+        """The first change of the config key after ``cursor``, waiting at most
+        ``timeout`` s (then ``changed`` is False). ResyncRequired: read again."""
         ...
 
 
