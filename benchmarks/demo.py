@@ -364,7 +364,10 @@ class Demo:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(agent.proc.pid, signal.SIGTERM)
         for name, agent in self.agents.items():
-            code = self.C.stop_agent(agent)
+            try:  # one SIGTERM each (a second one during shutdown would kill it)
+                code: int | None = agent.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                code = self.C.stop_agent(agent)
             if code not in (0, None):
                 raise DemoError(f"the agent on {name} exited with {code} on SIGTERM:\n"
                                 f"{tail(agent.log())}")

@@ -1,0 +1,152 @@
+"""`flannelette demo` as a user runs it: a subprocess, its output, its exit code, and
+nothing left behind (namespaces, processes, directories, state files)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from benchmarks.cluster import REPO
+from benchmarks.demo import list_netns, pid_alive, state_path
+
+
+@pytest.fixture(autouse=True)
+def _root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces, TUN)")
+    for tool in ("ip", "etcd", "etcdctl", "ping"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool}")
+
+
+def demo(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "control.cli", "demo", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tag_of(out: str) -> str:
+    m = re.search(r"namespaces fl([0-9a-f]{6})-", out)
+    assert m, out
+    return m.group(1)
+
+
+def reported_pids(out: str) -> set[int]:
+    pids = {int(p) for p in re.findall(r"\bpid (\d+)", out)}
+    m = re.search(r"stopped pids ([\d ]+);", out)
+    if m:
+        pids |= {int(p) for p in m.group(1).split()}
+    return pids
+
+
+def reported_dirs(out: str) -> list[str]:
+    m = re.search(r"temporary directories: (.*)", out)
+    return [d.strip() for d in m.group(1).split(",")] if m else []
+
+
+def assert_nothing_left(out: str) -> None:
+    tag = tag_of(out)
+    assert [ns for ns in list_netns() if ns.startswith(f"fl{tag}-")] == [], out
+    pids = reported_pids(out)
+    assert pids, out
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+        time.sleep(0.2)
+    assert [p for p in pids if pid_alive(p)] == [], out
+    dirs = reported_dirs(out)
+    assert dirs and all(d.startswith(tempfile.gettempdir()) for d in dirs), out
+    assert [d for d in dirs if os.path.exists(d)] == [], out
+    assert not os.path.exists(state_path(tag))
+
+
+def test_demo_quick_runs_all_three_models_and_leaves_nothing() -> None:
+    start = time.monotonic()
+    res = demo("--quick")
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    for header in ("Model 1 of 3: host-gw", "Model 2 of 3: vxlan",
+                   "Model 3 of 3: vxlan+DirectRouting", "Summary"):
+        assert header in out, out
+    # The seed's etcdctl v2 commands, with the 10.x Network said out loud.
+    assert ("set /coreos.com/network/config "
+            "'{\"Network\":\"10.7.0.0/16\",\"Backend\":{\"Type\":\"VxLAN\",\"Directrouting\":true}}'"
+            in out), out
+    assert "rm /coreos.com/network/config" in out and "the seed uses 172.7.0.0/16" in out
+    summary = out[out.index("Summary"):]
+    rows = {tuple(line.split()[:5]) for line in summary.splitlines()}
+    assert ("host-gw", "h1c", "->", "h2c", "direct") in rows, summary
+    assert ("host-gw", "h1c", "->", "h3c", "unreachable") in rows, summary
+    assert ("vxlan", "h1c", "->", "h2c", "vxlan") in rows, summary
+    assert ("vxlan+DirectRouting", "h1c", "->", "h2c", "direct") in rows, summary
+    assert ("vxlan+DirectRouting", "h1c", "->", "h3c", "vxlan") in rows, summary
+    # Measured, not printed from a table: every working pair has RTTs and a rate.
+    assert len(re.findall(r"3/3, avg \d+\.\d+ ms", summary)) == 7, summary
+    assert len(re.findall(r"\d+(\.\d+)? [MG]bit/s", summary)) == 5, summary
+    assert "Traceback" not in out
+    assert_nothing_left(out)
+    print(f"demo --quick wall time {time.monotonic() - start:.1f} s")
+
+
+def test_demo_failing_step_exits_nonzero_with_the_reason_and_cleans_up() -> None:
+    """IP forwarding off on h2 (a real broken precondition): h1c cannot reach h2c."""
+    res = demo("--quick", "--model", "host-gw", "--break-forwarding")
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out
+    assert "FAILED: h1's container cannot ping h2's container" in out, out
+    assert "ip_forward is 0" in out, out  # h2's agent says why, from its /status
+    assert "Traceback" not in out
+    assert_nothing_left(out)
+
+
+def test_demo_sigterm_mid_run_tears_down() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "control.cli", "demo", "--quick"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    assert proc.stdout is not None
+    seen = []
+    deadline = time.monotonic() + 120
+    try:
+        for line in proc.stdout:  # until the agents of the first model are up
+            seen.append(line)
+            if "[ok] starting an agent on h1, h2, h3" in line or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = "".join(seen) + rest
+    assert proc.returncode == 143, out
+    assert "terminated (SIGTERM): cleaning up" in out, out
+    assert_nothing_left(out)
+
+
+def test_demo_keep_leaves_a_working_lab_and_cleanup_removes_it() -> None:
+    res = demo("--quick", "--model", "vxlan", "--keep")
+    out = res.stdout + res.stderr
+    tag = tag_of(out)
+    try:
+        assert res.returncode == 0, out
+        assert f"flannelette demo --cleanup {tag}" in out, out
+        ours = [ns for ns in list_netns() if ns.startswith(f"fl{tag}-")]
+        assert f"fl{tag}-h1c" in ours and f"fl{tag}-core" in ours
+        # The printed command to enter the lab works: h1's container reaches h3's.
+        cmd = next(line.split("#")[0].split() for line in out.splitlines()
+                   if line.strip().startswith(f"ip netns exec fl{tag}-h1c ping"))
+        assert subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+        agents = [int(p) for p in re.findall(r"kill (\d+)\s+# agent on h\d", out)]
+        assert len(agents) == 3 and all(pid_alive(p) for p in agents), out
+        assert os.path.exists(state_path(tag))
+    finally:
+        clean = demo("--cleanup", tag, timeout=60)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert f"removed lab {tag}" in clean.stdout
+    assert_nothing_left(out)
