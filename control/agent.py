@@ -35,6 +35,7 @@ from control.errors import (
     ControlError,
     FlagError,
     RegistryUnavailable,
+    ResyncRequired,
 )
 from control.iface import ExternalInterface, find_interface
 from control.keeper import LeaseKeeper
@@ -197,6 +198,7 @@ class Agent:
         self._reconnects = 0
         self._was_connected = True
         self._restart: asyncio.Future[None] | None = None
+        self._switch_lock = asyncio.Lock()  # live reconfiguration, one change at a time
 
     # ---- start-up steps ------------------------------------------------------------------
     async def _discover(self, stop: asyncio.Event) -> tuple[Registry, str] | None:
@@ -283,7 +285,7 @@ class Agent:
         backoff = Backoff(base=0.5, cap=10.0)
         while True:
             await self._peers_changed.wait()
-            self._peers_changed.clear()
+            await self._settle()
             peers = peers_from_leases(self._lease_map, self.config.backend.type)
             try:
                 self._handoff(await self.program_routes(peers))
@@ -294,6 +296,20 @@ class Agent:
                     self._handoff(peers)  # the tunnel works without per-peer routes
                 await asyncio.sleep(backoff.failure(time.monotonic()))
                 self._peers_changed.set()
+
+    async def _settle(self, quiet: float = 0.1, longest: float = 1.0) -> None:
+        """Coalesce a burst: wait until no change came for ``quiet`` s (at most
+        ``longest`` s), so 100 changes cost one route sync, not 100."""
+        deadline = time.monotonic() + longest
+        while True:
+            self._peers_changed.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._peers_changed.wait(), min(quiet, left))
+            except TimeoutError:
+                return
 
     async def _watch_routes(self) -> None:
         """Re-evaluate paths when links, addresses or routes change (DirectRouting)."""
@@ -314,6 +330,113 @@ class Agent:
         await self._stop_dataplane()
         await self._start_dataplane(lease)
         self._peers_changed.set()
+
+    # ---- live reconfiguration (control.reconfig) -------------------------------------------
+    async def _follow_config(self, text: str) -> None:
+        """Forever: watch ``<prefix>/config`` (``text`` is what we started with) and apply
+        each change in place, without a restart. etcd trouble is the peer watch's to
+        report; here it only means waiting and reading the key again."""
+        from control.registry import ConfigWatch
+        registry = self.registry
+        if not isinstance(registry, ConfigWatch):
+            return
+        backoff = Backoff(base=0.5, cap=5.0)
+        cursor: int | None = None
+        current: str | None = text
+        while True:
+            try:
+                if cursor is None:
+                    value, cursor = await registry.get_config_rev()
+                    changed = value != current
+                else:
+                    event = await registry.watch_config(cursor, self.opts.watch_timeout)
+                    cursor, value, changed = event.cursor, event.value, event.changed
+                backoff.success()
+            except ResyncRequired:
+                cursor = None
+                continue
+            except RegistryUnavailable:
+                cursor = None
+                await asyncio.sleep(backoff.failure(time.monotonic()))
+                continue
+            if changed:
+                current = value
+                await self._reconfigure(value)
+
+    async def _reconfigure(self, text: str | None) -> None:
+        """One new config value: switch in place, or keep the running config and say why."""
+        from control import reconfig
+        assert self.config is not None and self.iface is not None
+        change = reconfig.plan_change(
+            self.config, text, own_subnet=self.keeper.subnet if self.keeper else None,
+            iface_mtu=self.iface.mtu, key=f"{self.opts.etcd.prefix.rstrip('/')}/config")
+        if change.action is reconfig.Action.NONE:
+            log.debug("%s", change.message)
+        elif change.action is reconfig.Action.DELETED:
+            log.warning("%s", change.message)
+        elif change.action is reconfig.Action.REJECT:
+            log.error("%s", change.message)
+        else:
+            log.info("%s", change.message)
+            async with self._switch_lock:
+                await self._switch_config(change)
+
+    async def _switch_config(self, change: Any) -> None:
+        """Apply a :class:`control.reconfig.ConfigChange`: engine first (a vxlan route
+        needs its TUN), then config, subnet.env, peer filter, routes; the engine of a
+        vxlan -> host-gw switch stops only once no route points into it; last, our
+        lease is re-published with the new BackendType/VtepMAC."""
+        from control.reconfig import EngineStep
+        assert self.keeper is not None and self.watcher is not None
+        assert self.keeper.lease is not None and self.public_ip is not None
+        lease, new, step = self.keeper.lease, change.config, change.engine
+        old_engine = self.engine
+        if step in (EngineStep.START, EngineStep.RESTART):
+            if old_engine is not None:  # RESTART: the new engine needs the UDP port
+                self.engine = None
+                await old_engine.close()
+                old_engine = None
+            if self.vtep_mac is None:
+                from dataplane.wire import random_vtep_mac
+                self.vtep_mac = random_vtep_mac()
+            try:
+                self.engine = await self._make_engine(lease, new, change.mtu)
+            except (DataplaneError, OSError) as exc:
+                log.error("cannot apply the new network config: the VXLAN engine did not "
+                          "start: %s; keeping backend %s", exc, self.config.backend.type
+                          if self.config else "?")
+                return
+            self.routes.device = self.engine.tun_name
+        self.config = new
+        self.mtu = change.mtu
+        self._write_subnet_env(lease)
+        self.watcher.set_backend_type(new.backend.type)  # hands out the new peer set
+        peers = peers_from_leases(self._lease_map, new.backend.type)
+        try:
+            self._handoff(await self.program_routes(peers))
+        except ControlError as exc:
+            log.warning("programming routes after the switch failed (retrying): %s", exc)
+        self._peers_changed.set()
+        if step is EngineStep.STOP and old_engine is not None:
+            self.engine = None
+            self.routes.device = None
+            await old_engine.close()
+        b = new.backend
+        vxlan = b.type == "vxlan"
+        await self.keeper.republish(LeaseAttrs(self.public_ip, b.type, b.vni if vxlan else None,
+                                               self.vtep_mac if vxlan else None), new)
+
+    async def _make_engine(self, lease: Lease, config: NetworkConfig, mtu: int) -> Any:
+        """A started VXLAN engine for ``config`` (a live switch to vxlan, or new options)."""
+        from dataplane.engine import Engine, EngineConfig
+        assert self.public_ip is not None and self.vtep_mac is not None
+        b = config.backend
+        engine = Engine(EngineConfig(subnet=lease.subnet, public_ip=self.public_ip,
+                                     vtep_mac=self.vtep_mac, vni=b.vni, mtu=mtu, port=b.port))
+        await engine.start()
+        log.info("VXLAN engine up: %s %s/32 mtu %d, UDP %s:%d", engine.tun_name,
+                 lease.subnet.network_address, mtu, self.public_ip, b.port)
+        return engine
 
     # ---- documents -------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -475,7 +598,7 @@ class Agent:
                      server.port)
         tasks = [asyncio.ensure_future(c) for c in (
             self.watcher.run(), keeper.run(), self._apply_peers(), self._watch_routes(),
-            self._track_etcd())]
+            self._track_etcd(), self._follow_config(text))]
         stopper = asyncio.ensure_future(stop.wait())
         try:
             done, _ = await asyncio.wait({stopper, *tasks}, return_when=asyncio.FIRST_COMPLETED)
