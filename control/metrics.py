@@ -76,11 +76,7 @@ def node_metrics(doc: Mapping[str, Any]) -> Iterator[Metric]:
         drops.add_metric([str(reason)], _num(count))
     yield drops
 
-    engine: Mapping[str, Any] = doc.get("engine") or {}
-    for key, value in sorted(engine.items()):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            yield GaugeMetricFamily(f"flannelette_engine_{key}",
-                                    f"Engine figure {key} (see docs/operations.md)", value=value)
+    yield from engine_metrics(doc.get("engine") or {})
 
     etcd: Mapping[str, Any] = doc.get("etcd") or {}
     yield GaugeMetricFamily("flannelette_etcd_up", "1 when the registry answers, else 0",
@@ -99,6 +95,54 @@ def node_metrics(doc: Mapping[str, Any]) -> Iterator[Metric]:
     for op, count in sorted((reconcile.get("operations") or {}).items()):
         ops.add_metric([str(op)], _num(count))
     yield ops
+
+
+# Engine figures with a proper name: key -> (counter?, name, help, (label, value) or None).
+_ENGINE: dict[str, tuple[bool, str, str, tuple[str, str] | None]] = {
+    "tun_packets": (True, "flannelette_engine_packets_total",
+                    "Packets the engine read, by source (tun: to tunnel, udp: from peers)",
+                    ("source", "tun")),
+    "udp_packets": (True, "flannelette_engine_packets_total", "", ("source", "udp")),
+    "tun_wakeups": (True, "flannelette_engine_wakeups_total",
+                    "Reader wake-ups, by source; packets_total / wakeups_total = mean batch",
+                    ("source", "tun")),
+    "udp_wakeups": (True, "flannelette_engine_wakeups_total", "", ("source", "udp")),
+    "tun_max_batch": (False, "flannelette_engine_max_batch_packets",
+                      "Largest batch drained in one wake-up since start, by source",
+                      ("source", "tun")),
+    "udp_max_batch": (False, "flannelette_engine_max_batch_packets", "", ("source", "udp")),
+    "arp_replies": (True, "flannelette_engine_arp_replies_total",
+                    "ARP requests for our subnet answered with our VtepMAC", None),
+    "icmp_unreachable": (True, "flannelette_engine_icmp_unreachable_sent_total",
+                         "ICMP host-unreachable sent for destinations without a peer", None),
+    "rx_csum_partial": (True, "flannelette_engine_rx_checksum_partial_packets_total",
+                        "Received packets handed to the kernel with a partial checksum", None),
+    "rx_gso": (True, "flannelette_engine_rx_gso_packets_total",
+               "Received oversize TCP packets handed to the kernel for segmentation", None),
+}
+
+
+def engine_metrics(engine: Mapping[str, Any]) -> Iterator[Metric]:
+    """Engine counters and batch figures; unknown numeric figures become plain gauges."""
+    families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+    for key, value in sorted(engine.items()):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        known = _ENGINE.get(key)
+        if known is None:
+            yield GaugeMetricFamily(f"flannelette_engine_{key}",
+                                    f"Engine figure {key} (see docs/operations.md)", value=value)
+            continue
+        counter, name, text, label = known
+        family = families.get(name)
+        if family is None:
+            text = text or next(t for c, n, t, _ in _ENGINE.values() if n == name and t)
+            labels = [label[0]] if label else []
+            family = (CounterMetricFamily(name, text, labels=labels) if counter
+                      else GaugeMetricFamily(name, text, labels=labels))
+            families[name] = family
+        family.add_metric([label[1]] if label else [], float(value))
+    yield from families.values()
 
 
 def render(source: StatusSource) -> bytes:

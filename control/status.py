@@ -67,8 +67,8 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     for row in rows:
         widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return [fmt.format(*headers), fmt.format(*("-" * w for w in widths)),
-            *(fmt.format(*row) for row in rows)]
+    return [fmt.format(*headers).rstrip(), fmt.format(*("-" * w for w in widths)),
+            *(fmt.format(*row).rstrip() for row in rows)]
 
 
 def render(doc: Mapping[str, Any], now: float) -> str:
@@ -79,13 +79,23 @@ def render(doc: Mapping[str, Any], now: float) -> str:
     health = "connected" if connected else ("DISCONNECTED" if connected is False else "-")
     if not connected and etcd.get("disconnected_for") is not None:
         health += f" for {float(etcd['disconnected_for']):.0f} s"
+    if int(etcd.get("reconnects") or 0):
+        health += f", {int(etcd['reconnects'])} reconnects"
+    backend = str(node.get("backend", "-"))
+    if node.get("direct_routing"):
+        backend += " + DirectRouting"
     lines = [
         "node",
         f"  subnet       {node.get('subnet', '-')}",
-        f"  public ip    {node.get('public_ip', '-')}",
-        f"  backend      {node.get('backend', '-')}",
+        f"  public ip    {node.get('public_ip', '-')}"
+        + (f" ({node['iface']})" if node.get("iface") else ""),
+        f"  backend      {backend}",
         f"  vtep mac     {node.get('vtep_mac') or '-'}",
         f"  mtu          {node.get('mtu', '-')}",
+    ]
+    if node.get("network"):
+        lines.append(f"  network      {node['network']}")
+    lines += [
         f"  etcd api     {node.get('etcd_api', '-')} ({health})",
         f"  lease until  {_when(etcd.get('lease_expires_at'), now)}",
         "",
@@ -110,6 +120,13 @@ def render(doc: Mapping[str, Any], now: float) -> str:
         lines += [f"  {reason:<24} {count}" for reason, count in sorted(nonzero.items())]
     else:
         lines.append("drops: none")
+    engine: Mapping[str, Any] = doc.get("engine") or {}
+    figures = [(k, v) for k, v in sorted(engine.items())
+               if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if figures:
+        lines.append("")
+        lines.append("engine")
+        lines += [f"  {key:<24} {value}" for key, value in figures]
     warnings: Sequence[str] = doc.get("warnings") or []
     if warnings:
         lines.append("")
