@@ -162,3 +162,32 @@ def test_etcd_outage_keeps_peers_and_pings_flowing(lab: Lab, api: int) -> None:
         for a in (a1, a2):
             assert a.running
             no_traceback(a)
+
+
+def test_subnet_taken_by_another_node_moves_us_to_a_new_one(lab: Lab) -> None:
+    """Our key overwritten with another node's lease: the renewal (compare-and-swap on
+    our value) notices, we lease a new subnet, and the dataplane follows it."""
+    lab.add_segment("A", "10.10.1.0/24")
+    h1 = lab.add_host("h1", "A", "172.7.1.0/24")
+    with Cluster(lab) as cluster:
+        cluster.start_etcd()
+        cluster.set_config(VXLAN, api=3)
+        a1 = cluster.start_agent(h1, "--subnet-lease-ttl", "8",
+                                 "--subnet-lease-renew-margin", "0.08")
+        assert cluster.status(a1)["node"]["subnet"] == "172.7.1.0/24"
+        other = ('{"PublicIP":"10.10.1.77","PublicIPv6":null,"BackendType":"vxlan",'
+                 '"BackendData":{"VNI":1,"VtepMAC":"02:aa:bb:cc:dd:ee"}}')
+        cluster.etcdctl("put", lease_key("172.7.1.0/24"), other, api=3)
+        doc = cluster.wait_status(a1, lambda d: d["node"]["subnet"] not in (None,
+                                                                            "172.7.1.0/24"),
+                                  30, "a new subnet")
+        new = doc["node"]["subnet"]
+        cluster.wait_ready(a1)
+        # The TUN now carries the new subnet's address; the other node is our peer.
+        addr = lab.run(h1.ns, "ip", "-4", "-o", "addr", "show", "dev", "flannel.1").stdout
+        assert f"{new.split('/')[0]}/32" in addr
+        cluster.wait_peers(a1, ["172.7.1.0/24"])
+        with open(a1.subnet_file) as f:
+            assert f"FLANNEL_SUBNET={new.rsplit('.', 1)[0]}.1/24" in f.read()
+        assert a1.running
+        no_traceback(a1)
