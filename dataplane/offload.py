@@ -165,6 +165,8 @@ def tso_split(src: bytearray | memoryview, ip_off: int, ip_len: int, gso_size: i
     a kernel). Returns (bytes used, segments, seglen of the full-size segments).
     """
     ihl = (src[ip_off] & 0x0F) << 2
+    if ihl == 20:
+        return _tso_split_fast(src, ip_off, ip_len, gso_size, out, prefix)
     thl = (src[ip_off + ihl + 12] >> 4) << 2
     hl = ihl + thl
     plen = len(prefix)
@@ -216,6 +218,61 @@ def tso_split(src: bytearray | memoryview, ip_off: int, ip_len: int, gso_size: i
         off += seg
         i += 1
     return pos, i, plen + hl + gso_size
+
+
+_IP_TCP = struct.Struct("!BBHHHBBH4s4sHHIIBBHHH")  # IPv4 without options + fixed TCP header
+
+
+def _tso_split_fast(src: bytearray | memoryview, ip_off: int, ip_len: int, gso_size: int,
+                    out: bytearray | memoryview, prefix: bytes) -> tuple[int, int, int]:
+    """tso_split for the usual IHL 20: one pack_into per segment, checksums by parts.
+
+    The sums of the header words that never change are taken once; per segment only
+    the total length, id, sequence number, flags and the payload are added in.
+    """
+    (vihl, tos, _, ident, frag, ttl, proto, _, saddr, daddr, sport, dport, seq, ack, doff,
+     flags, win, _, urg) = _IP_TCP.unpack_from(src, ip_off)
+    thl = (doff >> 4) << 2
+    hl = 20 + thl
+    opts = bytes(src[ip_off + 40:ip_off + hl])
+    addrs = int.from_bytes(saddr + daddr, "big")
+    ip_base = ((vihl << 8) + tos + frag + (ttl << 8) + proto + addrs) % 0xFFFF
+    tcp_base = (sport + dport + (ack >> 16) + (ack & 0xFFFF) + win + urg
+                + (int.from_bytes(opts, "big") if opts else 0) + addrs + 6 - 20) % 0xFFFF
+    plen = len(prefix)
+    seglen = plen + hl + gso_size
+    pack = _IP_TCP.pack_into
+    from_bytes = int.from_bytes
+    pos = 0
+    i = 0
+    off = ip_off + hl
+    end = ip_off + ip_len
+    while off < end:
+        seg = gso_size if off + gso_size < end else end - off
+        tot = hl + seg
+        idn = (ident + i) & 0xFFFF
+        seqv = (seq + off - ip_off - hl) & 0xFFFFFFFF
+        f = flags
+        if off + seg < end:
+            f &= ~0x09  # FIN, PSH only on the last
+        if i:
+            f &= ~0x80  # CWR only on the first
+        n = from_bytes(src[off:off + seg], "big")
+        if seg & 1:
+            n <<= 8
+        t = (n + tcp_base + (seqv >> 16) + (seqv & 0xFFFF) + (doff << 8) + f + tot) % 0xFFFF
+        c = (ip_base + tot + idn) % 0xFFFF
+        o = pos + plen
+        out[pos:o] = prefix
+        pack(out, o, vihl, tos, tot, idn, frag, ttl, proto, ~(c or 0xFFFF) & 0xFFFF, saddr,
+             daddr, sport, dport, seqv, ack, doff, f, win, ~(t or 0xFFFF) & 0xFFFF, urg)
+        if opts:
+            out[o + 40:o + hl] = opts
+        out[o + hl:o + tot] = src[off:off + seg]
+        pos = o + tot
+        off += seg
+        i += 1
+    return pos, i, seglen
 
 
 # ---- userspace GRO (MSS segments -> one GSO super-packet for the TUN) -------------------

@@ -236,3 +236,26 @@ def test_gro_passes_syn_fin_and_single_segments_through() -> None:
     out = gro([syn, fin, one])
     assert [p for _, p in out] == [syn, fin, one]
     assert out[2][0].gso_type == 0
+
+
+def test_tso_split_with_ip_options_takes_the_generic_path() -> None:
+    from scapy.layers.inet import IPOption_EOL, IPOption_NOP
+
+    opts = [IPOption_NOP(), IPOption_NOP(), IPOption_NOP(), IPOption_EOL()]
+    payload = bytes(range(256)) * 20
+    pkt = bytes(IP(src="10.244.1.2", dst="10.244.2.2", id=3, options=opts)
+                / TCP(seq=5, flags="PA") / payload)
+    assert pkt[0] == 0x46
+    out = bytearray(2 * len(pkt) + 4096)
+    used, segs, seglen = offload.tso_split(bytearray(pkt), 0, len(pkt), 1000, out, PREFIX)
+    assert segs == 6 and seglen == 22 + 44 + 1000
+    got = b""
+    for i in range(segs):
+        raw = bytes(out[i * seglen + 22:min((i + 1) * seglen, used)])
+        fresh = IP(raw)
+        del fresh.chksum
+        del fresh[TCP].chksum
+        assert bytes(fresh) == raw
+        assert IP(raw).id == 3 + i and IP(raw)[TCP].seq == 5 + 1000 * i
+        got += bytes(IP(raw)[TCP].payload)
+    assert got == payload
