@@ -731,6 +731,8 @@ def main(argv: list[str]) -> int:
                    models=models)
     demo = Demo(opts, Progress(out, out.isatty()))
     old_term = signal.signal(signal.SIGTERM, _raise_interrupted)
+    # Ctrl-C must clean up even when started from a script that ignores SIGINT (`cmd &`).
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     code = 1
     kept = False
     t0 = time.monotonic()
@@ -758,7 +760,7 @@ def main(argv: list[str]) -> int:
         code = 143
     finally:
         # A second Ctrl-C must not leave half a lab behind.
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             if not kept:

@@ -105,7 +105,10 @@ def test_demo_failing_step_exits_nonzero_with_the_reason_and_cleans_up() -> None
     assert_nothing_left(out)
 
 
-def test_demo_sigterm_mid_run_tears_down() -> None:
+@pytest.mark.parametrize(("sig", "code", "said"), [
+    (signal.SIGTERM, 143, "terminated (SIGTERM): cleaning up"),
+    (signal.SIGINT, 130, "interrupted (Ctrl-C): cleaning up")])
+def test_demo_signal_mid_run_tears_down(sig: int, code: int, said: str) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "control.cli", "demo", "--quick"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -117,15 +120,15 @@ def test_demo_sigterm_mid_run_tears_down() -> None:
             seen.append(line)
             if "[ok] starting an agent on h1, h2, h3" in line or time.monotonic() > deadline:
                 break
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         rest, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     out = "".join(seen) + rest
-    assert proc.returncode == 143, out
-    assert "terminated (SIGTERM): cleaning up" in out, out
+    assert proc.returncode == code, out
+    assert said in out, out
     assert_nothing_left(out)
 
 
