@@ -5,7 +5,8 @@ Leases as flannel >= 0.18 writes them: grant an etcd lease, then a transaction
 lease and rewrites the value (only while the key still holds our value). The
 watch keeps one stream open from ``cursor + 1`` and hands out what arrived
 within the timeout; compaction becomes ResyncRequired. Any other error drops
-the client; the next call connects afresh.
+the client; the next call connects afresh. TLS (--etcd-cafile/certfile/keyfile,
+https:// endpoints) uses a gRPC TLS channel under aetcd's client.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from typing import Any
 import aetcd
 import aetcd.exceptions
 import aetcd.rtypes
+import grpc  # type: ignore[import-untyped]
+from aetcd import rpc as aetcd_rpc
+from aetcd import watcher as aetcd_watcher
 
 from control.errors import FlagError, RegistryUnavailable, ResyncRequired
 from control.lease import RawLease, parse_key, subnet_key, subnets_dir
@@ -52,15 +56,69 @@ class _Stream:
             await self.task
 
 
+def _read(path: str, flag: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise FlagError(f"{flag} {path}: {exc.strerror}") from None
+
+
+def _credentials(options: EtcdOptions) -> grpc.ChannelCredentials:
+    """gRPC TLS credentials from --etcd-cafile/--etcd-certfile/--etcd-keyfile."""
+    if bool(options.certfile) != bool(options.keyfile):
+        raise FlagError("--etcd-certfile and --etcd-keyfile go together")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(options.cafile, "--etcd-cafile"),
+        private_key=_read(options.keyfile, "--etcd-keyfile"),
+        certificate_chain=_read(options.certfile, "--etcd-certfile"))
+
+
+class _TlsClient(aetcd.Client):  # type: ignore[misc]
+    """aetcd.Client over a TLS channel (aetcd itself only opens plaintext ones)."""
+
+    credentials: grpc.ChannelCredentials | None = None
+    _is_connecting: bool
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            target = f"{self._host}:{self._port}"
+            self.channel = aetcd_rpc.secure_channel(target, self.credentials,
+                                                    options=self._options.items())
+            if self._username is not None and self._password is not None:
+                self.auth_stub = aetcd_rpc.AuthStub(self.channel)
+                resp = await self.auth_stub.Authenticate(
+                    aetcd_rpc.AuthenticateRequest(name=self._username,
+                                                  password=self._password),
+                    timeout=self._timeout)
+                self.metadata = (("token", resp.token),)
+            self.kvstub = aetcd_rpc.KVStub(self.channel)
+            self.clusterstub = aetcd_rpc.ClusterStub(self.channel)
+            self.leasestub = aetcd_rpc.LeaseStub(self.channel)
+            self.maintenancestub = aetcd_rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd_watcher.Watcher(aetcd_rpc.WatchStub(self.channel),
+                                                  timeout=self._timeout,
+                                                  metadata=self.metadata)
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
 class EtcdV3Registry:
     """Leases and config in etcd's v3 key space."""
 
     api = "v3"
 
     def __init__(self, options: EtcdOptions) -> None:
-        if options.tls:
-            raise FlagError("TLS to etcd (--etcd-cafile/--etcd-certfile/--etcd-keyfile, "
-                            "https:// endpoints) is supported with --etcd-api v2 only for now")
+        self._credentials = _credentials(options) if options.tls else None
         self._options = options
         self._hosts = options.hosts()
         self._current = 0
@@ -73,9 +131,12 @@ class EtcdV3Registry:
         if self._client is None:
             _, host, port = self._hosts[self._current]
             o = self._options
-            client = aetcd.Client(host=host, port=port, username=o.username or None,
-                                  password=o.password or None, timeout=o.timeout,
-                                  connect_wait_timeout=o.timeout)
+            cls = _TlsClient if self._credentials is not None else aetcd.Client
+            client = cls(host=host, port=port, username=o.username or None,
+                         password=o.password or None, timeout=o.timeout,
+                         connect_wait_timeout=o.timeout)
+            if isinstance(client, _TlsClient):
+                client.credentials = self._credentials
             self._client = client
         return self._client
 
