@@ -110,13 +110,15 @@ def engines(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest
     h1 = lab.add_host("h1", "A", "10.244.1.0/24")
     h2 = lab.add_host("h2", "A", "10.244.2.0/24")
     s1, s2 = tmp_path / "h1.json", tmp_path / "h2.json"
-    start_engine(lab, h1, MAC1, [(h2, MAC2)], s1, "--loop", loop, "--offload", offload)
-    start_engine(lab, h2, MAC2, [(h1, MAC1)], s2, "--loop", loop, "--offload", offload)
+    off1, off2 = ("on", "off") if offload == "mixed" else (offload, offload)
+    start_engine(lab, h1, MAC1, [(h2, MAC2)], s1, "--loop", loop, "--offload", off1)
+    start_engine(lab, h2, MAC2, [(h1, MAC1)], s2, "--loop", loop, "--offload", off2)
     return lab, h1, h2, s1, s2
 
 
-@pytest.mark.parametrize("engines", [("uvloop", "off"), ("asyncio", "off"), ("uvloop", "on")],
-                         indirect=True, ids=["uvloop", "asyncio", "uvloop-offload"])
+@pytest.mark.parametrize("engines", [("uvloop", "off"), ("asyncio", "off"), ("uvloop", "on"),
+                                     ("asyncio", "mixed")], indirect=True,
+                         ids=["uvloop", "asyncio", "uvloop-offload", "offload-with-plain-peer"])
 def test_two_engines_ping_and_tcp_both_ways(engines: tuple[Lab, Host, Host, Path, Path]
                                             ) -> None:
     lab, h1, h2, s1, s2 = engines
