@@ -141,6 +141,28 @@ class LeaseKeeper:
                 self._on_acquired(lease)
             return lease
 
+    async def republish(self, attrs: LeaseAttrs, config: NetworkConfig | None = None) -> None:
+        """A live backend switch: write our lease again with new attributes (BackendType,
+        VNI, VtepMAC) and keep renewing that value. If etcd is away, the lease is
+        re-acquired (the reuse rule rewrites it) as soon as etcd answers."""
+        if config is not None:
+            self._config = config
+        if attrs == self.attrs:
+            return
+        self.attrs = attrs
+        self._value = encode_attrs(attrs)
+        if self.lease is None:
+            return
+        try:
+            expires = await self._registry.put_lease(self.lease.subnet, self._value, self._ttl)
+        except RegistryUnavailable as exc:
+            log.warning("cannot publish the new lease value now (%s); retrying", exc)
+            self._lost.set()
+            return
+        self.expires_at = expires
+        self.lease = Lease(self.lease.subnet, attrs, expires)
+        log.info("lease %s re-published: %s", self.lease.subnet, self._value)
+
     async def run(self) -> None:
         """Forever: renew ``margin`` before expiry; re-acquire when the lease is gone."""
         while True:

@@ -115,6 +115,15 @@ class PeerWatcher:
         if lost:
             self._on_own_lease_lost()
 
+    def set_backend_type(self, backend_type: str) -> None:
+        """A live backend switch: from now on hand out peers of ``backend_type`` (flannel
+        ignores leases of another backend); the new peer set goes out at once."""
+        if backend_type == self._backend_type:
+            return
+        self._backend_type = backend_type
+        if self.synced:
+            self._publish()
+
     # ---- the loop ------------------------------------------------------------------------
     async def relist(self) -> None:
         """Take a full snapshot now (run() does this first unless already synced)."""

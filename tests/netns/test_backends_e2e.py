@@ -12,6 +12,7 @@ The helpers (``ThreeHosts``, ``three_host_world``, ``restart_with``, ``tx_to``,
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -62,8 +63,9 @@ def need_lab_tools() -> None:
             pytest.skip(f"needs {tool}")
 
 
-@pytest.fixture(scope="module")
-def three_host_world() -> Iterator[ThreeHosts]:
+@contextlib.contextmanager
+def three_hosts_lab() -> Iterator[ThreeHosts]:
+    """h1, h2 on segment A, h3 on B (behind the router), containers, etcd started."""
     need_lab_tools()
     with Lab() as lab:
         lab.add_segment("A", "10.10.1.0/24")
@@ -74,6 +76,12 @@ def three_host_world() -> Iterator[ThreeHosts]:
         with Cluster(lab) as cluster:
             cluster.start_etcd()
             yield ThreeHosts(lab, cluster, h1, h2, h3, {})
+
+
+@pytest.fixture(scope="module")
+def three_host_world() -> Iterator[ThreeHosts]:
+    with three_hosts_lab() as world:
+        yield world
 
 
 def subnet(host: Host) -> str:

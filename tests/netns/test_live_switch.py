@@ -1,0 +1,243 @@
+"""Live backend switch: the agents watch ``<prefix>/config`` and switch without a restart.
+
+Three hosts as in test_backends_e2e (h1, h2 on segment A, h3 behind the router).
+The config goes vxlan -> vxlan + DirectRouting -> host-gw -> vxlan while pings
+run; each step checks the paths in /status, the kernel routes, the per-peer log
+lines, and that the agents are the same processes. Losses are measured per
+switch (sequence numbers of a 10 pps ping) and must stay inside the switch.
+A second test feeds bad, refused and deleted configs and one more switch over
+the v2 API. The ConfigWatch methods are also checked directly on a real etcd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from benchmarks.etcd import EtcdServer
+from benchmarks.lab import Host, Lab
+from control.registry import ConfigWatch, EtcdOptions, open_api
+from tests.netns.test_backends_e2e import (
+    CONFIG_KEY,
+    HOST_GW,
+    NETWORK,
+    VXLAN,
+    VXLAN_DR,
+    ThreeHosts,
+    our_routes,
+    ping_ok,
+    start_all,
+    subnet,
+    three_hosts_lab,
+    tx_to,
+    wait_for,
+    wait_paths,
+)
+
+pytestmark = pytest.mark.netns
+
+INTERVAL = 0.1  # ping interval while switching (10 packets per second)
+COUNT = 80  # 8 s of pings per switch
+MAX_LOST = 40  # at most 4 s without answers per switch (generous for a loaded 2-core box)
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[ThreeHosts]:
+    with three_hosts_lab() as w:
+        yield w
+
+
+@dataclass
+class Pinger:
+    """A bounded 10 pps ping from ``src``'s container to ``dst``'s, in the background."""
+
+    lab: Lab
+    src: Host
+    dst: Host
+    proc: subprocess.Popen[str]
+    started: float
+
+    @classmethod
+    def start(cls, lab: Lab, src: Host, dst: Host) -> Pinger:
+        assert src.container_ns is not None and dst.container_ip is not None
+        proc = lab.popen(src.container_ns, "ping", "-n", "-c", str(COUNT), "-i", str(INTERVAL),
+                         "-W", "1", str(dst.container_ip), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+        return cls(lab, src, dst, proc, time.monotonic())
+
+    def lost(self) -> list[int]:
+        """Sequence numbers that got no answer (waits for the ping to end)."""
+        out, _ = self.proc.communicate(timeout=COUNT * INTERVAL + 30)
+        answered = {int(m) for m in re.findall(r"icmp_seq=(\d+)", out)}
+        return sorted(set(range(1, COUNT + 1)) - answered)
+
+
+def set_config(w: ThreeHosts, text: str, api: int) -> None:
+    w.cluster.etcdctl("put" if api == 3 else "set", CONFIG_KEY, text, api=api)
+
+
+def pids(w: ThreeHosts) -> dict[str, int]:
+    for a in w.agents.values():
+        assert a.running, a.log()[-3000:]
+    return {name: a.proc.pid for name, a in w.agents.items()}
+
+
+def switch(w: ThreeHosts, text: str, api: int, want: dict[str, dict[str, str]],
+           pairs: list[tuple[Host, Host]]) -> dict[str, list[int]]:
+    """Write ``text`` while ``pairs`` ping; wait for the paths ``want`` (host -> peer -> path)
+    on every host; return the lost sequence numbers per pair."""
+    pingers = [Pinger.start(w.lab, a, b) for a, b in pairs]
+    time.sleep(1.0)  # ~10 answered pings before the switch
+    switched_at = time.monotonic()
+    set_config(w, text, api)
+    for name, paths in want.items():
+        wait_paths(w, w.lab.hosts[name], paths, timeout=40)
+    converged = time.monotonic() - switched_at
+    lost = {f"{p.src.name}->{p.dst.name}": p.lost() for p in pingers}
+    first_possible = int((switched_at - max(p.started for p in pingers)) / INTERVAL) - 2
+    for pair, seqs in lost.items():
+        print(f"switch to {text}: {pair} lost {len(seqs)} of {COUNT} "
+              f"(paths converged in {converged:.1f} s): {seqs}")
+        assert len(seqs) <= MAX_LOST, (pair, seqs)
+        assert not [s for s in seqs if s < first_possible], (pair, seqs)  # only after the switch
+    return lost
+
+
+def path_lines(agent_log: str, host: Host) -> list[str]:
+    return [line for line in agent_log.splitlines()
+            if f"peer {subnet(host)}" in line and ": path " in line]
+
+
+def test_live_switch_vxlan_dr_hostgw_vxlan_with_pings(world: ThreeHosts) -> None:
+    w = world
+    h1, h2, h3 = w.hosts
+    set_config(w, VXLAN, api=3)
+    start_all(w)
+    wait_paths(w, h1, {"h2": "vxlan", "h3": "vxlan"})
+    assert ping_ok(w.lab, h1, h3)
+    before = pids(w)
+    a1 = w.agent(h1)
+
+    # vxlan -> vxlan + DirectRouting: h1 <-> h2 leave the tunnel, h3 stays in it.
+    switch(w, VXLAN_DR, 3, {"h1": {"h2": "direct", "h3": "vxlan"},
+                            "h2": {"h1": "direct", "h3": "vxlan"},
+                            "h3": {"h1": "vxlan", "h2": "vxlan"}},
+           [(h1, h2), (h1, h3), (h3, h2)])
+    assert our_routes(w.lab, h1)[1:] == [f"{subnet(h2)} via {h2.ip} dev eth0"]
+    assert our_routes(w.lab, h1)[0].startswith(f"{NETWORK} dev ")
+    tx2, tx3 = tx_to(w, h1, h2), tx_to(w, h1, h3)
+    assert ping_ok(w.lab, h1, h2, count=5) and ping_ok(w.lab, h1, h3, count=5)
+    assert tx_to(w, h1, h2) == tx2 and tx_to(w, h1, h3) - tx3 >= 5
+    assert any("vxlan -> direct" in line for line in path_lines(a1.log(), h2))
+    assert not any("-> direct" in line for line in path_lines(a1.log(), h3))
+    assert "switching backend vxlan -> vxlan + DirectRouting in place" in a1.log()
+
+    # -> host-gw: h2 stays direct, h3 becomes unreachable (with the warning).
+    switch(w, HOST_GW, 3, {"h1": {"h2": "direct", "h3": "unreachable"},
+                           "h2": {"h1": "direct", "h3": "unreachable"},
+                           "h3": {"h1": "unreachable", "h2": "unreachable"}},
+           [(h1, h2), (h2, h1)])
+    assert our_routes(w.lab, h1) == [f"{subnet(h2)} via {h2.ip} dev eth0"]
+    doc = w.cluster.status(a1)
+    assert doc["node"]["backend"] == "host-gw" and doc["engine"] == {}
+    assert any(subnet(h3) in x and "not on our L2 segment" in x for x in doc["warnings"])
+    assert any("-> unreachable" in line for line in path_lines(a1.log(), h3))
+    lease = w.cluster.etcdctl("get", f"{CONFIG_KEY.rsplit('/', 1)[0]}/subnets/10.7.1.0-24",
+                              api=3).stdout
+    assert '"BackendType":"host-gw"' in lease
+    assert ping_ok(w.lab, h1, h2, count=5) and not ping_ok(w.lab, h1, h3, count=1)
+
+    # -> back to vxlan: everything tunnelled again, h3 reachable again.
+    switch(w, VXLAN, 3, {"h1": {"h2": "vxlan", "h3": "vxlan"},
+                         "h2": {"h1": "vxlan", "h3": "vxlan"},
+                         "h3": {"h1": "vxlan", "h2": "vxlan"}},
+           [(h1, h2), (h2, h1)])
+    routes = our_routes(w.lab, h1)
+    assert len(routes) == 1 and routes[0].startswith(f"{NETWORK} dev "), routes
+    tx2 = tx_to(w, h1, h2)
+    for src, dst in [(h1, h2), (h1, h3), (h2, h3), (h3, h1)]:
+        assert w.lab.wait_ping(src.container_ns or "", dst.container_ip or "", deadline=15), (
+            src.name, dst.name)
+    assert tx_to(w, h1, h2) > tx2
+    assert any("-> vxlan" in line for line in path_lines(a1.log(), h2)[-2:])
+    assert '"BackendType":"vxlan"' in w.cluster.etcdctl(
+        "get", f"{CONFIG_KEY.rsplit('/', 1)[0]}/subnets/10.7.1.0-24", api=3).stdout
+
+    assert pids(w) == before  # no agent restarted
+    for a in w.agents.values():
+        assert "Traceback" not in a.log(), a.log()
+
+
+def test_bad_refused_and_deleted_configs_keep_the_running_one_v2(world: ThreeHosts) -> None:
+    """Over the v2 API (the seed's `etcdctl set`): bad configs change nothing, one error each."""
+    w = world
+    h1, h2, h3 = w.hosts
+    for a in list(w.agents.values()):
+        w.cluster.stop_agent(a)
+    w.agents.clear()
+    w.cluster.etcdctl("del", CONFIG_KEY, api=3, check=False)
+    set_config(w, VXLAN, api=2)
+    start_all(w)
+    before = pids(w)
+    a1 = w.agent(h1)
+    bad = '{"Network":"10.7.0.0/16","SubnetLen":31,"Backend":{"Type":"vxlan"}}'
+    set_config(w, bad, api=2)
+    wait_for(lambda: "SubnetLen must be less than /31" in a1.log(), 20, "rejection logged")
+    set_config(w, '{"Network":"10.8.0.0/16","Backend":{"Type":"vxlan"}}', api=2)
+    wait_for(lambda: "Network 10.7.0.0/16 -> 10.8.0.0/16" in a1.log(), 20, "refusal logged")
+    w.cluster.etcdctl("rm", CONFIG_KEY, api=2)
+    wait_for(lambda: "was deleted; keeping the running config" in a1.log(), 20,
+             "deletion logged")
+    for a in w.agents.values():
+        errors = [line for line in a.log().splitlines() if " ERROR " in line]
+        assert len(errors) == 2, errors  # exactly one line per bad config
+        assert sum("SubnetLen must be less than /31" in e for e in errors) == 1
+    doc = wait_paths(w, h1, {"h2": "vxlan", "h3": "vxlan"})
+    assert doc["node"]["network"] == NETWORK and doc["node"]["backend"] == "vxlan"
+    assert ping_ok(w.lab, h1, h2) and ping_ok(w.lab, h1, h3)
+    # The seed's casing, set again after the rm: a live switch over v2.
+    set_config(w, VXLAN_DR, api=2)
+    wait_paths(w, h1, {"h2": "direct", "h3": "vxlan"})
+    assert ping_ok(w.lab, h1, h2) and ping_ok(w.lab, h3, h1)
+    assert pids(w) == before
+    for a in w.agents.values():
+        assert "Traceback" not in a.log(), a.log()
+
+
+def _config_watch_roundtrip(endpoint: str, server: EtcdServer, api: str) -> list[Any]:
+    async def run() -> list[Any]:
+        reg = open_api(api, EtcdOptions(endpoints=(endpoint,), prefix="/t"))
+        assert isinstance(reg, ConfigWatch)
+        n = int(api[1])
+        seen: list[Any] = []
+        try:
+            text, cursor = await reg.get_config_rev()
+            seen.append(text)
+            idle = await reg.watch_config(cursor, 0.3)
+            seen.append((idle.changed, idle.cursor == cursor))
+            server.etcdctl("set" if n == 2 else "put", "/t/config", "A", api=n)
+            server.etcdctl("rm" if n == 2 else "del", "/t/config", api=n)
+            server.etcdctl("set" if n == 2 else "put", "/t/config", "B", api=n)
+            for _ in range(3):
+                ev = await reg.watch_config(cursor, 10)
+                assert ev.changed and ev.cursor > cursor
+                cursor = ev.cursor
+                seen.append(ev.value)
+            seen.append((await reg.get_config_rev())[0])
+        finally:
+            await reg.close()
+        return seen
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("api", ["v2", "v3"])
+def test_config_watch_sees_set_delete_set_in_order(etcd: EtcdServer, api: str) -> None:
+    seen = _config_watch_roundtrip(etcd.endpoint, etcd, api)
+    assert seen == [None, (False, True), "A", None, "B", "B"]
