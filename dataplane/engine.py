@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dataplane import offload, tun, udp, wire
-from dataplane.errors import ConfigError
+from dataplane.errors import ConfigError, DeviceError
 from dataplane.fib import Fib, Peer
 from dataplane.stats import EngineStats, PeerCounters
 from dataplane.wire import DropReason, Frame
@@ -146,14 +146,17 @@ class Engine:
             await tun.configure(self._tun_name, f"{cfg.subnet.network_address}/32", cfg.mtu,
                                 cfg.tun_txqueuelen)
             self._sock = udp.open_udp(str(cfg.public_ip), cfg.port, cfg.socket_buffer)
+            if cfg.offload:
+                tun.set_offload(self._tun_fd, tun.TUN_F_CSUM | tun.TUN_F_TSO4
+                                | tun.TUN_F_TSO6 | tun.TUN_F_TSO_ECN)
+                try:
+                    self._sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+                except OSError as e:
+                    raise DeviceError(f"UDP_GRO refused: {e.strerror}") from None
         except BaseException:
-            os.close(self._tun_fd)
-            self._tun_fd = -1
+            await self.close()
             raise
         if cfg.offload:
-            tun.set_offload(self._tun_fd, tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO6
-                            | tun.TUN_F_TSO_ECN)
-            self._sock.setsockopt(SOL_UDP, UDP_GRO, 1)
             self._loop.add_reader(self._tun_fd, self._on_tun_offload)
             self._loop.add_reader(self._sock.fileno(), self._on_udp_offload)
         else:

@@ -165,3 +165,13 @@ def test_engine_exits_cleanly_and_removes_its_device(
     links = lab.ip(h1.ns, "link", "show").stdout
     assert "flannel.1" not in links
     assert read_stats(str(s1)) is not None
+
+
+def test_engine_that_cannot_bind_says_so_and_leaves_no_device(lab: Lab) -> None:
+    lab.add_segment("A", "10.10.1.0/24")
+    h1 = lab.add_host("h1", "A", "10.244.1.0/24")
+    res = lab.run(h1.ns, *command("10.244.1.0/24", "10.10.1.99", MAC1, []), check=False,
+                  timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.count("\n") == 1 and "cannot bind UDP 10.10.1.99:8472" in res.stderr
+    assert "flannel.1" not in lab.ip(h1.ns, "link", "show").stdout
