@@ -209,6 +209,7 @@ class Options:
     quick: bool = False
     keep: bool = False
     break_forwarding: bool = False
+    live: bool = True
     models: tuple[Model, ...] = MODELS
 
     @property
@@ -330,14 +331,21 @@ class Demo:
         for line in model.about:
             self.say("  " + line)
         self.say()
-        self.say("  The seed's procedure: stop flannel on every host, replace the config in"
-                 " etcd, start flannel again.")
-        self.say("  (flannelette agents do not switch backend live yet, so the demo restarts"
-                 " them too.)")
-        if self.agents:
+        live = self.opts.live and bool(self.agents)
+        if live:
+            self.say("  The seed's procedure is: stop flannel on every host, replace the config in"
+                     " etcd, start")
+            self.say("  flannel again. flannelette agents watch the config key and switch in"
+                     " place, so the demo")
+            self.say("  only replaces the config (--restart follows the seed to the letter).")
+        else:
+            self.say("  The seed's procedure: stop flannel on every host, replace the config in"
+                     " etcd, start flannel again.")
+        if self.agents and not live:
             with self.progress.step("stopping the agents (the seed: supervisorctl stop "
                                     "flannel-21)"):
                 self.stop_agents()
+        before = {name: a.proc.pid for name, a in self.agents.items()}
         commands: list[tuple[str, ...]] = []
         if index > 1 or self.C.etcdctl("get", CONFIG_KEY, api=2, check=False).returncode == 0:
             commands.append(("rm", CONFIG_KEY))
@@ -345,12 +353,20 @@ class Demo:
         for args in commands:
             with self.progress.step(self.etcdctl_line(*args)):
                 self.C.etcdctl(*args, api=2)
-        with self.progress.step("starting an agent on h1, h2, h3 (the seed: supervisorctl "
-                                "start flannel-21)"):
-            self.start_agents()
+        if not live:
+            with self.progress.step("starting an agent on h1, h2, h3 (the seed: supervisorctl "
+                                    "start flannel-21)"):
+                self.start_agents()
         with self.progress.step("waiting until every agent sees its two peers on the "
                                 f"{model.name} paths"):
             docs = self.wait_paths(model)
+        if live:
+            for name, agent in self.agents.items():
+                if not agent.running or agent.proc.pid != before[name]:
+                    raise DemoError(f"the agent on {name} did not survive the live switch:\n"
+                                    f"{tail(agent.log())}")
+            self.say(f"  Same agent processes as before (pids {' '.join(map(str, before.values()))}"
+                     "): switched without a restart.")
         self.show_paths(model, docs)
         self.show_routes()
         self.ping_all(model, docs)
@@ -569,7 +585,8 @@ class Demo:
 
     def state(self) -> dict[str, Any]:
         return {"tag": self.L.tag, "namespaces": list(self.L.namespaces),
-                "pids": {str(p): w for p, w in self.pids.items()}, "dirs": list(self.dirs)}
+                "pids": {str(p): w for p, w in self.pids.items() if pid_alive(p)},
+                "dirs": list(self.dirs)}
 
     def keep(self) -> None:
         """Leave the lab running; write a state file for --cleanup and print how to use it."""
@@ -595,7 +612,8 @@ class Demo:
         self.say(f"  flannelette demo --cleanup {self.L.tag}")
         self.say("or by hand:")
         for pid, what in self.pids.items():
-            self.say(f"  kill {pid}    # {what}")
+            if pid_alive(pid):  # agents stopped by a restart are gone already
+                self.say(f"  kill {pid}    # {what}")
         for ns in reversed(self.L.namespaces):
             self.say(f"  ip netns del {ns}")
         self.say(f"  rm -rf {' '.join(self.dirs)} {path}")
@@ -698,6 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="remove a lab left by --keep (its tag is printed) and exit")
     p.add_argument("--model", action="append", choices=[m.name for m in MODELS],
                    help="run only this model (repeatable); default: all three in order")
+    p.add_argument("--restart", action="store_true",
+                   help="switch models as the seed does (stop the agents, replace the config, "
+                        "start them) instead of letting the running agents switch live")
     p.add_argument("--break-forwarding", action="store_true",
                    help="for testing the failure path: turn IP forwarding off on h2, so "
                         "pings to h2's container must fail and the demo exits 1")
@@ -728,7 +749,7 @@ def main(argv: list[str]) -> int:
         return 1
     models = tuple(m for m in MODELS if not args.model or m.name in args.model)
     opts = Options(quick=args.quick, keep=args.keep, break_forwarding=args.break_forwarding,
-                   models=models)
+                   live=not args.restart, models=models)
     demo = Demo(opts, Progress(out, out.isatty()))
     old_term = signal.signal(signal.SIGTERM, _raise_interrupted)
     # Ctrl-C must clean up even when started from a script that ignores SIGINT (`cmd &`).

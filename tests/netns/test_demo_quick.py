@@ -40,6 +40,7 @@ def tag_of(out: str) -> str:
 
 def reported_pids(out: str) -> set[int]:
     pids = {int(p) for p in re.findall(r"\bpid (\d+)", out)}
+    pids |= {int(p) for p in re.findall(r"^  kill (\d+)", out, re.M)}
     m = re.search(r"stopped pids ([\d ]+);", out)
     if m:
         pids |= {int(p) for p in m.group(1).split()}
@@ -79,6 +80,9 @@ def test_demo_quick_runs_all_three_models_and_leaves_nothing() -> None:
             "'{\"Network\":\"10.7.0.0/16\",\"Backend\":{\"Type\":\"VxLAN\",\"Directrouting\":true}}'"
             in out), out
     assert "rm /coreos.com/network/config" in out and "the seed uses 172.7.0.0/16" in out
+    # The agents switch live: started once, the same processes for all three models.
+    assert out.count("[ok] starting an agent on h1, h2, h3") == 1, out
+    assert out.count("switched without a restart") == 2, out
     summary = out[out.index("Summary"):]
     rows = {tuple(line.split()[:5]) for line in summary.splitlines()}
     assert ("host-gw", "h1c", "->", "h2c", "direct") in rows, summary
@@ -132,13 +136,17 @@ def test_demo_signal_mid_run_tears_down(sig: int, code: int, said: str) -> None:
     assert_nothing_left(out)
 
 
-def test_demo_keep_leaves_a_working_lab_and_cleanup_removes_it() -> None:
-    res = demo("--quick", "--model", "vxlan", "--keep")
+def test_demo_restart_procedure_keep_and_cleanup() -> None:
+    """The seed's procedure to the letter (agents stopped and started around the etcdctl
+    commands), then --keep leaves a working lab that --cleanup removes."""
+    res = demo("--quick", "--model", "host-gw", "--model", "vxlan", "--restart", "--keep")
     out = res.stdout + res.stderr
     tag = tag_of(out)
     try:
         assert res.returncode == 0, out
         assert f"flannelette demo --cleanup {tag}" in out, out
+        assert "[ok] stopping the agents (the seed: supervisorctl stop flannel-21)" in out
+        assert out.count("[ok] starting an agent on h1, h2, h3") == 2, out
         ours = [ns for ns in list_netns() if ns.startswith(f"fl{tag}-")]
         assert f"fl{tag}-h1c" in ours and f"fl{tag}-core" in ours
         # The printed command to enter the lab works: h1's container reaches h3's.
