@@ -12,6 +12,7 @@ the v2 API. The ConfigWatch methods are also checked directly on a real etcd.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 import subprocess
 import time
@@ -120,6 +121,10 @@ def switch(w: ThreeHosts, text: str, api: int, want: dict[str, dict[str, str]],
     return lost
 
 
+def lease_has(w: ThreeHosts, key: str, text: str) -> bool:
+    return text in w.cluster.etcdctl("get", key, api=2).stdout
+
+
 def path_lines(agent_log: str, host: Host) -> list[str]:
     return [line for line in agent_log.splitlines()
             if f"peer {subnet(host)}" in line and ": path " in line]
@@ -216,6 +221,19 @@ def test_bad_refused_and_deleted_configs_keep_the_running_one_v2(world: ThreeHos
     set_config(w, VXLAN_DR, api=2)
     wait_paths(w, h1, {"h2": "direct", "h3": "vxlan"})
     assert ping_ok(w.lab, h1, h2) and ping_ok(w.lab, h3, h1)
+    # A new VNI: every engine is rebuilt in place and the leases carry the new VNI.
+    set_config(w, VXLAN_DR.replace('"Directrouting":true', '"Directrouting":true,"VNI":2'),
+               api=2)
+    for h in w.hosts:
+        key = f"{CONFIG_KEY.rsplit('/', 1)[0]}/subnets/{subnet(h).replace('/', '-')}"
+        wait_for(functools.partial(lease_has, w, key, '"VNI":2'), 20,
+                 f"{h.name} publishes VNI 2")
+        assert "VNI 1 -> 2" in w.agent(h).log()
+    wait_paths(w, h3, {"h1": "vxlan", "h2": "vxlan"})
+    for src, dst in ((h1, h3), (h3, h2), (h1, h2)):
+        assert w.lab.wait_ping(src.container_ns or "", dst.container_ip or "", deadline=15), (
+            src.name, dst.name)
+    assert "flannel.2" in our_routes(w.lab, h3)[0]
     assert pids(w) == before
     for a in w.agents.values():
         assert "Traceback" not in a.log(), a.log()
