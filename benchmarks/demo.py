@@ -110,6 +110,15 @@ MODELS = (
 )
 
 
+ROUTE_NOTES = {
+    "host-gw": "one route per peer on h1's segment, straight to that host; none for h3",
+    "vxlan": "one route sends the whole Network into the tunnel device; the engine picks "
+             "the peer host by destination subnet",
+    "vxlan+DirectRouting": "the /24 via h2 is more specific than the Network route into "
+                           "flannel.1, so h2's containers are reached directly",
+}
+
+
 # ---- progress ---------------------------------------------------------------------------------
 class Progress:
     """One line per step: a spinner on a terminal, plain start/end lines otherwise."""
@@ -368,7 +377,7 @@ class Demo:
             self.say(f"  Same agent processes as before (pids {' '.join(map(str, before.values()))}"
                      "): switched without a restart.")
         self.show_paths(model, docs)
-        self.show_routes()
+        self.show_routes(model)
         self.ping_all(model, docs)
         self.throughput(model, docs)
         self.show_counters(model)
@@ -441,7 +450,7 @@ class Demo:
                 self.say(f"    {name}: {w}")
         self.say()
 
-    def show_routes(self) -> None:
+    def show_routes(self, model: Model) -> None:
         h1 = self.host("h1")
         res = self.L.ip(h1.ns, "-4", "route", "show", "proto", "157", check=False)
         lines = [line for line in res.stdout.splitlines() if line.strip()]
@@ -449,6 +458,7 @@ class Demo:
                  " seed looks at `route -n`):")
         for line in lines or ["(none)"]:
             self.say(f"    {line.replace(' proto 157', '').strip()}")
+        self.say(f"    ({ROUTE_NOTES[model.name]})")
         self.say()
 
     def ping_all(self, model: Model, docs: dict[str, dict[str, Any]]) -> None:
