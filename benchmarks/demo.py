@@ -135,6 +135,10 @@ class Progress:
         self.out.flush()
 
     def _spin(self, text: str, start: float, done: threading.Event) -> None:
+        # A wrapped line cannot be redrawn with \r: keep the spinner line inside the width.
+        width = shutil.get_terminal_size((100, 24)).columns - 16
+        if len(text) > width:
+            text = text[:max(width - 3, 10)] + "..."
         i = 0
         while not done.wait(0.1):
             self.out.write(f"\r  [{self.FRAMES[i % 4]}] {text}  {time.monotonic() - start:.1f}s")
