@@ -33,6 +33,7 @@ NETWORK = "10.7.0.0/16"
 # The seed's strings (its "172.7.0.0/16" moved to 10.7/16: labs use 10.x only).
 HOST_GW = '{"Network":"10.7.0.0/16","Backend":{"Type":"host-gw"}}'
 VXLAN = '{"Network":"10.7.0.0/16","Backend":{"Type":"VxLAN"}}'
+TUN_ROUTE = f"{NETWORK} dev flannel.1 scope link"  # the Network into the engine's TUN
 VXLAN_DR = '{"Network":"10.7.0.0/16","Backend":{"Type":"VxLAN","Directrouting":true}}'
 
 
@@ -149,6 +150,16 @@ def our_routes(lab: Lab, host: Host) -> list[str]:
                   for line in out.splitlines() if line.strip())
 
 
+def wait_routes(lab: Lab, host: Host, want: list[str], timeout: float = 10.0) -> None:
+    """Poll until ``host``'s routes of ours are exactly ``want`` (status may lead the
+    kernel by a moment); AssertionError with the last table otherwise."""
+    deadline = time.monotonic() + timeout
+    while (got := our_routes(lab, host)) != sorted(want):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{host.name} routes {got} != {sorted(want)}")
+        time.sleep(0.2)
+
+
 def ping_ok(lab: Lab, src: Host, dst: Host, count: int = 3) -> bool:
     assert src.container_ns is not None and dst.container_ip is not None
     return lab.ping(src.container_ns, dst.container_ip, count=count).returncode == 0
@@ -185,7 +196,7 @@ def test_host_gw_same_segment_pings_and_the_routed_host_is_reported(
     doc = wait_paths(w, h1, {"h2": "direct", "h3": "unreachable"})
     assert doc["node"]["backend"] == "host-gw"
     assert_pairs_ping(w, [(h1, h2), (h2, h1)])
-    assert our_routes(w.lab, h1) == [f"{subnet(h2)} via {h2.ip} dev eth0"]
+    wait_routes(w.lab, h1, [f"{subnet(h2)} via {h2.ip} dev eth0"])
     # h3 is behind the router: no route, a warning naming it in /status and in the log.
     row = peer_row(doc, h3)
     assert row["warning"] and subnet(h3) in row["warning"] and str(h3.ip) in row["warning"]
@@ -196,7 +207,7 @@ def test_host_gw_same_segment_pings_and_the_routed_host_is_reported(
     # h3 sees both of the others as unreachable, with the same kind of warning.
     doc3 = wait_paths(w, h3, {"h1": "unreachable", "h2": "unreachable"})
     assert len([x for x in doc3["warnings"] if "not on our L2 segment" in x]) == 2
-    assert our_routes(w.lab, h3) == []
+    wait_routes(w.lab, h3, [])
 
 
 def test_vxlan_all_pairs_ping_and_h1_to_h2_is_tunnelled(three_host_world: ThreeHosts) -> None:
@@ -209,8 +220,7 @@ def test_vxlan_all_pairs_ping_and_h1_to_h2_is_tunnelled(three_host_world: ThreeH
     before = tx_to(w, h1, h2)
     assert ping_ok(w.lab, h1, h2, count=5)
     assert tx_to(w, h1, h2) - before >= 5
-    routes = our_routes(w.lab, h1)
-    assert len(routes) == 1 and routes[0].startswith(f"{NETWORK} dev "), routes
+    wait_routes(w.lab, h1, [TUN_ROUTE])
 
 
 def test_vxlan_directrouting_direct_on_segment_tunnel_across_router(
@@ -231,4 +241,4 @@ def test_vxlan_directrouting_direct_on_segment_tunnel_across_router(
     assert ping_ok(w.lab, h1, h3, count=5)
     assert tx_to(w, h1, h2) == before2
     assert tx_to(w, h1, h3) - before3 >= 5
-    assert f"{subnet(h2)} via {h2.ip} dev eth0" in our_routes(w.lab, h1)
+    wait_routes(w.lab, h1, [TUN_ROUTE, f"{subnet(h2)} via {h2.ip} dev eth0"])

@@ -29,10 +29,10 @@ from tests.netns.test_backends_e2e import (
     CONFIG_KEY,
     HOST_GW,
     NETWORK,
+    TUN_ROUTE,
     VXLAN,
     VXLAN_DR,
     ThreeHosts,
-    our_routes,
     ping_ok,
     start_all,
     subnet,
@@ -40,6 +40,7 @@ from tests.netns.test_backends_e2e import (
     tx_to,
     wait_for,
     wait_paths,
+    wait_routes,
 )
 
 pytestmark = pytest.mark.netns
@@ -145,8 +146,7 @@ def test_live_switch_vxlan_dr_hostgw_vxlan_with_pings(world: ThreeHosts) -> None
                             "h2": {"h1": "direct", "h3": "vxlan"},
                             "h3": {"h1": "vxlan", "h2": "vxlan"}},
            [(h1, h2), (h1, h3), (h3, h2)])
-    assert our_routes(w.lab, h1)[1:] == [f"{subnet(h2)} via {h2.ip} dev eth0"]
-    assert our_routes(w.lab, h1)[0].startswith(f"{NETWORK} dev ")
+    wait_routes(w.lab, h1, [TUN_ROUTE, f"{subnet(h2)} via {h2.ip} dev eth0"])
     tx2, tx3 = tx_to(w, h1, h2), tx_to(w, h1, h3)
     assert ping_ok(w.lab, h1, h2, count=5) and ping_ok(w.lab, h1, h3, count=5)
     assert tx_to(w, h1, h2) == tx2 and tx_to(w, h1, h3) - tx3 >= 5
@@ -159,7 +159,7 @@ def test_live_switch_vxlan_dr_hostgw_vxlan_with_pings(world: ThreeHosts) -> None
                            "h2": {"h1": "direct", "h3": "unreachable"},
                            "h3": {"h1": "unreachable", "h2": "unreachable"}},
            [(h1, h2), (h2, h1)])
-    assert our_routes(w.lab, h1) == [f"{subnet(h2)} via {h2.ip} dev eth0"]
+    wait_routes(w.lab, h1, [f"{subnet(h2)} via {h2.ip} dev eth0"])
     doc = w.cluster.status(a1)
     assert doc["node"]["backend"] == "host-gw" and doc["engine"] == {}
     assert any(subnet(h3) in x and "not on our L2 segment" in x for x in doc["warnings"])
@@ -174,8 +174,7 @@ def test_live_switch_vxlan_dr_hostgw_vxlan_with_pings(world: ThreeHosts) -> None
                          "h2": {"h1": "vxlan", "h3": "vxlan"},
                          "h3": {"h1": "vxlan", "h2": "vxlan"}},
            [(h1, h2), (h2, h1)])
-    routes = our_routes(w.lab, h1)
-    assert len(routes) == 1 and routes[0].startswith(f"{NETWORK} dev "), routes
+    wait_routes(w.lab, h1, [TUN_ROUTE])
     tx2 = tx_to(w, h1, h2)
     for src, dst in [(h1, h2), (h1, h3), (h2, h3), (h3, h1)]:
         assert w.lab.wait_ping(src.container_ns or "", dst.container_ip or "", deadline=15), (
@@ -233,7 +232,7 @@ def test_bad_refused_and_deleted_configs_keep_the_running_one_v2(world: ThreeHos
     for src, dst in ((h1, h3), (h3, h2), (h1, h2)):
         assert w.lab.wait_ping(src.container_ns or "", dst.container_ip or "", deadline=15), (
             src.name, dst.name)
-    assert "flannel.2" in our_routes(w.lab, h3)[0]
+    wait_routes(w.lab, h3, [TUN_ROUTE.replace("flannel.1", "flannel.2")])
     assert pids(w) == before
     for a in w.agents.values():
         assert "Traceback" not in a.log(), a.log()

@@ -21,17 +21,17 @@ import pytest
 
 from benchmarks.lab import Host
 from tests.netns.test_backends_e2e import (
-    NETWORK,
     PREFIX,
+    TUN_ROUTE,
     VXLAN_DR,
     ThreeHosts,
-    our_routes,
     peer_row,
     restart_with,
     subnet,
     three_hosts_lab,
     tx_to,
     wait_paths,
+    wait_routes,
 )
 
 pytestmark = pytest.mark.netns
@@ -109,11 +109,9 @@ def test_vtep_mac_then_public_ip_change(world: ThreeHosts) -> None:
             w.agent(src), lambda d: peer_row(d, h2)["public_ip"] == NEW_IP, 30,
             f"{src.name} follows h2 to {NEW_IP}")
         assert peer_row(doc, h2)["path"] == path
-    assert our_routes(w.lab, h1) == sorted([f"{NETWORK} dev {route_dev(w, h1)} scope link",
-                                            f"{subnet(h2)} via {NEW_IP} dev eth0"])
-    assert our_routes(w.lab, h3) == [f"{NETWORK} dev {route_dev(w, h3)} scope link"]
-    assert our_routes(w.lab, h2) == sorted([f"{NETWORK} dev {route_dev(w, h2)} scope link",
-                                            f"{subnet(h1)} via {h1.ip} dev eth0"])
+    wait_routes(w.lab, h1, [TUN_ROUTE, f"{subnet(h2)} via {NEW_IP} dev eth0"])
+    wait_routes(w.lab, h3, [TUN_ROUTE])
+    wait_routes(w.lab, h2, [TUN_ROUTE, f"{subnet(h1)} via {h1.ip} dev eth0"])
     before = tx_to(w, h3, h2)
     pings(w, [(h1, h2), (h2, h1), (h3, h2), (h2, h3)])
     assert tx_to(w, h3, h2) > before
@@ -126,10 +124,3 @@ def test_vtep_mac_then_public_ip_change(world: ThreeHosts) -> None:
         assert len(doc["peers"]) == 2
         assert "Traceback" not in w.agent(h).log()
 
-
-def route_dev(w: ThreeHosts, host: Host) -> str:
-    """The device of ``host``'s Network route (the engine's TUN)."""
-    for line in our_routes(w.lab, host):
-        if line.startswith(f"{NETWORK} dev "):
-            return line.split()[2]
-    raise AssertionError(f"{host.name} has no Network route: {our_routes(w.lab, host)}")
