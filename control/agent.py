@@ -321,6 +321,8 @@ class Agent:
     def _lease_acquired(self, lease: Lease) -> None:
         """A (re-)acquired lease: refresh subnet.env; a new subnet means a new dataplane."""
         self._write_subnet_env(lease)
+        if self.watcher is not None:
+            self.watcher.own_subnet_changed()
         if self.routes is not None and lease.subnet != self.routes.own_subnet:
             log.warning("re-acquired a different subnet %s; restarting the dataplane",
                         lease.subnet)
@@ -588,6 +590,7 @@ class Agent:
         self.watcher = PeerWatcher(
             self.registry, backend_type=backend.type, own_subnet=lambda: keeper.subnet,
             on_peers=self._on_peers, on_own_lease_lost=keeper.lost, clock=time.monotonic,
+            own_public_ip=lambda: self.public_ip,
             watch_timeout=opts.watch_timeout)
         server = None
         if opts.healthz_port:

@@ -34,6 +34,7 @@ class PeerWatcher:
                  on_peers: Callable[[PeerMap], None],
                  on_own_lease_lost: Callable[[], None],
                  clock: Callable[[], float],
+                 own_public_ip: Callable[[], ipaddress.IPv4Address | None] = lambda: None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  backoff: Backoff | None = None,
                  watch_timeout: float = 10.0) -> None:
@@ -42,6 +43,7 @@ class PeerWatcher:
         self._own_subnet = own_subnet
         self._on_peers = on_peers
         self._on_own_lease_lost = on_own_lease_lost
+        self._own_public_ip = own_public_ip
         self._clock = clock
         self._sleep = sleep
         self.backoff = backoff or Backoff()
@@ -89,14 +91,22 @@ class PeerWatcher:
             le = self._decode(raw)
             if le is not None:
                 table[raw.subnet] = le
-        own = self._own_subnet()
-        had_own = own is not None and own in self.leases
         self.leases = table
         self.cursor = cursor
         self._publish()
         self.synced = True
-        if had_own and own not in table:
+        own = self._own_subnet()
+        if own is not None and not self._still_ours(own):
             self._on_own_lease_lost()
+
+    def _still_ours(self, own: Subnet) -> bool:
+        """Our subnet's key exists and names our PublicIP (if we know it). A key
+        that another node overwrote is as lost as a deleted one."""
+        le = self.leases.get(own)
+        if le is None:
+            return False
+        ip = self._own_public_ip()
+        return ip is None or le.attrs.public_ip == ip
 
     def apply(self, events: tuple[WatchEvent, ...], cursor: int) -> None:
         """Fold watch events into the table."""
@@ -110,10 +120,17 @@ class PeerWatcher:
             le = self._decode(RawLease(ev.subnet, ev.value, ev.expiration))
             if le is not None:
                 self.leases[ev.subnet] = le
+                lost = lost or (ev.subnet == own and not self._still_ours(own))
         self.cursor = cursor
         self._publish()
         if lost:
             self._on_own_lease_lost()
+
+    def own_subnet_changed(self) -> None:
+        """Our lease moved to another subnet: the old one may be a peer now, the new
+        one is not; hand out the corrected set at once."""
+        if self.synced:
+            self._publish()
 
     def set_backend_type(self, backend_type: str) -> None:
         """A live backend switch: from now on hand out peers of ``backend_type`` (flannel

@@ -165,15 +165,14 @@ def test_etcd_outage_keeps_peers_and_pings_flowing(lab: Lab, api: int) -> None:
 
 
 def test_subnet_taken_by_another_node_moves_us_to_a_new_one(lab: Lab) -> None:
-    """Our key overwritten with another node's lease: the renewal (compare-and-swap on
-    our value) notices, we lease a new subnet, and the dataplane follows it."""
+    """Our key overwritten with another node's lease: the watch notices at once (no
+    waiting for the 24 h renewal), we lease a new subnet, and the dataplane follows."""
     lab.add_segment("A", "10.10.1.0/24")
     h1 = lab.add_host("h1", "A", "172.7.1.0/24")
     with Cluster(lab) as cluster:
         cluster.start_etcd()
         cluster.set_config(VXLAN, api=3)
-        a1 = cluster.start_agent(h1, "--subnet-lease-ttl", "8",
-                                 "--subnet-lease-renew-margin", "0.08")
+        a1 = cluster.start_agent(h1)  # default TTL: only the watch can notice in time
         assert cluster.status(a1)["node"]["subnet"] == "172.7.1.0/24"
         other = ('{"PublicIP":"10.10.1.77","PublicIPv6":null,"BackendType":"vxlan",'
                  '"BackendData":{"VNI":1,"VtepMAC":"02:aa:bb:cc:dd:ee"}}')

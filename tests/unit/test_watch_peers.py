@@ -30,7 +30,8 @@ class Harness:
         self.watcher = PeerWatcher(
             self.reg, backend_type="vxlan", own_subnet=lambda: OWN,
             on_peers=self._peers, on_own_lease_lost=self._lost, clock=self.clock,
-            sleep=self.clock.sleep, backoff=Backoff(rng=random.Random(1)), watch_timeout=1.0)
+            sleep=self.clock.sleep, backoff=Backoff(rng=random.Random(1)), watch_timeout=1.0,
+            own_public_ip=lambda: ipaddress.IPv4Address("10.10.1.1"))
 
     def _peers(self, peers: PeerMap) -> None:
         self.handed.append({s: str(le.attrs.public_ip) for s, le in peers.items()})
@@ -130,3 +131,40 @@ async def test_etcd_away_keeps_last_peer_set() -> None:
     await h.settle()
     assert h.watcher.connected
     assert set(h.last) == {N("10.5.2.0/24"), N("10.5.3.0/24")}
+
+
+@run_async
+async def test_own_subnet_overwritten_by_another_node_is_lost() -> None:
+    h = Harness()
+    h.reg.set(OWN, value("10.10.1.1"))
+    await h.settle()
+    assert h.lost == 0
+    h.reg.set(OWN, value("10.10.1.1", mac=9))  # our own republish: still ours
+    await h.settle()
+    assert h.lost == 0
+    h.reg.set(OWN, value("10.10.1.99"))  # another node took the key
+    await h.settle()
+    assert h.lost == 1
+    assert OWN not in h.last  # never a peer of ourselves
+
+
+@run_async
+async def test_own_lease_missing_from_a_relist_is_lost() -> None:
+    h = Harness()
+    await h.settle()
+    assert h.lost == 1
+
+
+@run_async
+async def test_moving_to_another_subnet_republishes_the_peer_set() -> None:
+    own = [OWN]
+    h = Harness()
+    h.watcher = PeerWatcher(
+        h.reg, backend_type="vxlan", own_subnet=lambda: own[0], on_peers=h._peers,
+        on_own_lease_lost=h._lost, clock=h.clock, sleep=h.clock.sleep, watch_timeout=1.0)
+    h.reg.set(OWN, value("10.10.1.77"))  # someone else holds our old subnet now
+    h.reg.set(N("10.5.9.0/24"), value("10.10.1.1"))  # our new lease
+    await h.settle()
+    own[0] = N("10.5.9.0/24")
+    h.watcher.own_subnet_changed()
+    assert h.last == {OWN: "10.10.1.77"}
