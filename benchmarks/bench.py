@@ -17,6 +17,7 @@ import functools
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -272,6 +273,10 @@ def _check_environment() -> None:
             raise BenchError(f"{tool} is not installed (run `bash scripts/quickstart.sh setup`)")
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str]) -> int:
     """Run the benchmark; 0 when every mode that exists measured, 1 when one failed."""
     args = parse_args(argv)
@@ -294,6 +299,8 @@ def main(argv: list[str]) -> int:
     except BenchError as e:
         print(f"flannelette bench: {e}", file=sys.stderr)
         return 2
+    # SIGTERM unwinds like Ctrl-C, so every lab, engine, agent and etcd is removed.
+    signal.signal(signal.SIGTERM, _terminate)
     plan = QUICK if args.quick else FULL
     if args.reps:
         plan = Plan(**{**asdict(plan), "reps": args.reps})
@@ -314,6 +321,7 @@ def main(argv: list[str]) -> int:
         doc["scale"] = scale.run(args.scale_leases, quick=args.quick, log=log,
                                  log_dir=os.path.join(args.out, "logs"))
     doc["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    doc["machine"]["loadavg_at_end"] = os.getloadavg()[0]
     report.finalize(doc)
     paths = report.write_all(doc, args.out)
     print(report.markdown(doc))

@@ -85,19 +85,42 @@ def finalize(doc: dict[str, Any]) -> dict[str, Any]:
             for q in ("p50", "p99"):
                 a, b = ping.get(f"{q}_ms"), limit["ping"].get(f"{q}_ms")
                 ping[f"added_{q}_ms"] = a - b if a is not None and b is not None else None
-    headline: dict[str, dict[str, float | None]] = {}
+    headline: dict[str, dict[str, float | str | None]] = {}
     for name, m in modes.items():
         if m.get("status") != "ok":
             continue
-        row: dict[str, float | None] = {}
+        row: dict[str, float | str | None] = {}
         for k in HEADLINE_METRICS:
             row[f"{k}_vs_kernel"] = (_ratio(metric(m, k), metric(anchor, k))
                                      if anchor is not None else None)
             row[f"{k}_vs_hostgw"] = (_ratio(metric(m, k), metric(limit, k))
                                      if limit is not None else None)
+            if k.startswith("udp") and anchor is not None:
+                row[f"{k}_vs_kernel_bound"] = ratio_bound(
+                    _sender_limited(m, k), _sender_limited(anchor, k))
         headline[name] = row
     doc["headline"] = {"anchor": ANCHOR, "limit": LIMIT, "ratios": headline}
     return doc
+
+
+def _sender_limited(mode: Mapping[str, Any], name: str) -> bool:
+    return bool(mode.get("udp", {}).get(name[3:], {}).get("sender_limited"))
+
+
+def ratio_bound(mode_limited: bool, anchor_limited: bool) -> str | None:
+    """What a packet-rate ratio is when a side's rate is only a lower bound (the sender
+    was the limit): "upper" (the true ratio is at most this), "lower", "none" (both
+    bounds: the ratio says nothing), or None (both measured: an estimate)."""
+    if mode_limited and anchor_limited:
+        return "none"
+    if anchor_limited:
+        return "upper"
+    if mode_limited:
+        return "lower"
+    return None
+
+
+_BOUND_MARK = {"upper": "≤", "lower": "≥", "none": "~"}
 
 
 def missing_fields(doc: Mapping[str, Any]) -> list[str]:
@@ -214,26 +237,35 @@ def markdown(doc: Mapping[str, Any]) -> str:
                   "| mode | TCP×1 | TCP×4 | UDP 64 B | UDP 512 B | UDP 1400 B |",
                   "|---|---|---|---|---|---|"]
         for name, row in head.items():
-            lines.append("| " + " | ".join(
-                [name, *(_fmt(row.get(f"{k}_vs_kernel"), ".2f") + "×"
-                         for k in HEADLINE_METRICS)]) + " |")
+            cells = [name]
+            for k in HEADLINE_METRICS:
+                v = row.get(f"{k}_vs_kernel")
+                mark = _BOUND_MARK.get(str(row.get(f"{k}_vs_kernel_bound")), "")
+                cells.append(mark + _fmt(v if isinstance(v, float) else None, ".2f") + "×")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "`≤`: the kernel's rate was only a lower bound (its sender was the "
+                  "limit), so the true ratio is at most this; `≥` the other way round; "
+                  "`~`: both were sender-limited, the ratio says nothing about the dataplanes."]
     scale = doc.get("scale")
     if scale:
         lines += ["", "Control-plane scale (one agent, N leases already in etcd):", ""]
         if scale.get("status") != "ok":
             lines.append(f"{scale.get('status')}: {scale.get('reason', '')}")
         else:
-            lines += ["| API | leases | all peers programmed s | RSS MiB | burst of 100 "
-                      "changes s |", "|---|---|---|---|---|"]
+            lines += ["| API | leases | written in s | all peers programmed s | agent RSS MiB "
+                      f"| burst of {scale.get('burst', 100)} changes applied s "
+                      "| RSS after burst MiB |", "|---|---|---|---|---|---|---|"]
             for r in scale.get("runs", []):
                 if r.get("status") != "ok":
                     lines.append(f"| {r.get('api')} | {r.get('leases')} | {r.get('status')}: "
-                                 f"{r.get('reason', '')} | | |")
+                                 f"{r.get('reason', '')} | | | | |")
                     continue
-                rss = r.get("rss_bytes")
-                lines.append(f"| {r['api']} | {r['leases']} | {_fmt(r.get('programmed_s'))} | "
+                rss, rss2 = r.get("rss_bytes"), r.get("rss_after_burst_bytes")
+                lines.append(f"| {r['api']} | {r['leases']} | {_fmt(r.get('write_s'), '.1f')} "
+                             f"| {_fmt(r.get('programmed_s'))} | "
                              f"{_fmt(rss / 2**20 if rss else None, '.1f')} | "
-                             f"{_fmt(r.get('burst_s'))} |")
+                             f"{_fmt(r.get('burst_s'))} | "
+                             f"{_fmt(rss2 / 2**20 if rss2 else None, '.1f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -241,13 +273,27 @@ def headline_text(doc: Mapping[str, Any]) -> str:
     """One paragraph for the terminal: how the userspace modes compare with the kernel."""
     head = doc.get("headline", {}).get("ratios", {})
     modes = {m["name"]: m for m in doc.get("modes", [])}
-    out = []
+    out: list[str] = []
     for name, row in head.items():
         m = modes[name]
-        out.append(f"{name:<24} TCP×1 {_fmt(metric(m, 'tcp1'))} Gbit/s "
+        mark = _BOUND_MARK.get(str(row.get("udp64_vs_kernel_bound")), "")
+        out.append(f"{name:<18} TCP×1 {_fmt(metric(m, 'tcp1'))} Gbit/s "
                    f"= {_fmt(row.get('tcp1_vs_kernel'))}× kernel VXLAN, "
                    f"{_fmt(row.get('tcp1_vs_hostgw'))}× host-gw; "
-                   f"UDP 64 B {_fmt(row.get('udp64_vs_kernel'))}× kernel")
+                   f"UDP 64 B {mark}{_fmt(row.get('udp64_vs_kernel'))}× kernel")
+    scale = doc.get("scale") or {}
+    for r in scale.get("runs", []):
+        if r.get("status") == "ok":
+            out.append(f"control plane, etcd {r['api']}: {r['leases']} peers programmed "
+                       f"{_fmt(r.get('programmed_s'))} s after start, agent RSS "
+                       f"{_fmt(r.get('rss_bytes', 0) / 2**20, '.0f')} MiB, "
+                       f"{scale.get('burst', 100)} changes applied in "
+                       f"{_fmt(r.get('burst_s'))} s")
+        else:
+            out.append(f"control plane, etcd {r.get('api')}: {r.get('leases')} peers: "
+                       f"{r.get('status')}: {r.get('reason', '')}")
+    if scale.get("status") in ("not_done", "failed"):
+        out.append(f"control plane: {scale['status']}: {scale.get('reason', '')}")
     return "\n".join(out)
 
 
@@ -281,12 +327,17 @@ def plot(doc: Mapping[str, Any], path: str) -> None:
     ax1.legend(fontsize=8)
     width = 0.27
     for i, p in enumerate(PAYLOADS):
-        vals = [(m.get("udp", {}).get(str(p), {}).get("pps") or 0.0) / 1000 for m in modes]
+        entries = [m.get("udp", {}).get(str(p), {}) for m in modes]
+        vals = [(u.get("pps") or 0.0) / 1000 for u in entries]
         xs = [x + (i - 1) * width for x in range(len(modes))]
         bars = ax2.bar(xs, vals, width, label=f"UDP {p} B payload")
-        ax2.bar_label(bars, fmt="%.0f", fontsize=7)
+        for bar, u in zip(bars, entries, strict=True):
+            if u.get("sender_limited"):  # a lower bound: the sender, not the dataplane
+                bar.set_hatch("//")
+        ax2.bar_label(bars, labels=[("≥" if u.get("sender_limited") else "") + f"{v:.0f}"
+                                    for u, v in zip(entries, vals, strict=True)], fontsize=7)
     ax2.set_xticks(range(len(modes)), names, rotation=25, ha="right", fontsize=8)
-    ax2.set_ylabel("kpackets/s at < 1 % loss")
+    ax2.set_ylabel("kpackets/s at < 1 % loss (hatched ≥: sender-limited)")
     ax2.set_title("Packet rate")
     ax2.legend(fontsize=8)
     mach = doc.get("machine", {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -128,7 +129,7 @@ def test_session_cpu_reads_our_own_session() -> None:
 
 
 # ---- derived fields and rendering -----------------------------------------------------
-def _mode(name: str, tcp1: float, udp64: float, p50: float) -> dict[str, object]:
+def _mode(name: str, tcp1: float, udp64: float, p50: float) -> dict[str, Any]:
     tcp = {str(s): {"gbps": report.summarize([tcp1 * s, tcp1 * s * 1.1]), "bytes_total": 10,
                     "retransmits": [0, 0],
                     "cpu_s_per_gbit": {"attributable": name.startswith("fl"),
@@ -143,7 +144,7 @@ def _mode(name: str, tcp1: float, udp64: float, p50: float) -> dict[str, object]
             "ping": {"p50_ms": p50, "p99_ms": p50 * 2, "received": 10, "sent": 10}}
 
 
-def _doc() -> dict[str, object]:
+def _doc() -> dict[str, Any]:
     return {"schema": report.SCHEMA, "machine": {"cpu_model": "x", "cores": 2, "kernel": "6"},
             "method": {"reps": 2},
             "modes": [_mode("host-gw", 12.0, 100_000, 0.05),
@@ -176,7 +177,7 @@ def test_missing_fields_names_what_is_absent() -> None:
 
 def test_ratios_are_none_without_an_anchor() -> None:
     doc = _doc()
-    doc["modes"] = [m for m in doc["modes"] if m["name"] != "kernel-vxlan"]  # type: ignore
+    doc["modes"] = [m for m in doc["modes"] if m["name"] != "kernel-vxlan"]
     ratios = report.finalize(doc)["headline"]["ratios"]
     assert ratios["fl-uvloop"]["tcp1_vs_kernel"] is None
 
@@ -194,3 +195,31 @@ def test_write_all_writes_json_table_and_png(tmp_path) -> None:
     with open(paths["png"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(paths["md"]) > 0 and os.path.getsize(paths["json"]) > 0
+
+
+def test_markdown_scale_table_shows_each_run_and_failures() -> None:
+    doc = _doc()
+    doc["scale"] = {"status": "ok", "burst": 100, "runs": [
+        {"api": "v2", "leases": 1000, "status": "ok", "write_s": 1.0, "programmed_s": 2.5,
+         "rss_bytes": 50 * 2**20, "burst_s": 0.75, "rss_after_burst_bytes": 51 * 2**20},
+        {"api": "v3", "leases": 5000, "status": "failed", "reason": "agent exited with 1"}]}
+    text = report.markdown(report.finalize(doc))
+    assert "| v2 | 1000 | 1.0 | 2.50 | 50.0 | 0.75 | 51.0 |" in text
+    assert "| v3 | 5000 | failed: agent exited with 1 |" in text
+    doc["scale"] = {"status": "not_done", "reason": "no agent"}
+    assert "not_done: no agent" in report.markdown(doc)
+
+
+def test_packet_rate_ratios_say_when_a_side_was_only_a_lower_bound() -> None:
+    assert report.ratio_bound(False, True) == "upper"
+    assert report.ratio_bound(True, False) == "lower"
+    assert report.ratio_bound(True, True) == "none"
+    assert report.ratio_bound(False, False) is None
+    doc = _doc()
+    kernel = next(m for m in doc["modes"] if m["name"] == "kernel-vxlan")
+    kernel["udp"]["64"]["sender_limited"] = True
+    doc = report.finalize(doc)
+    assert doc["headline"]["ratios"]["fl-uvloop"]["udp64_vs_kernel_bound"] == "upper"
+    assert doc["headline"]["ratios"]["fl-uvloop"]["udp512_vs_kernel_bound"] is None
+    assert "| fl-uvloop | 0.25× | 0.25× | ≤0.25× | 0.25× | 0.25× |" in report.markdown(doc)
+    assert "UDP 64 B ≤0.25× kernel" in report.headline_text(doc)
