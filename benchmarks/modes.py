@@ -137,9 +137,9 @@ def engine_options() -> dict[str, list[str]]:
     text = res.stdout
     axes: dict[str, list[str]] = {}
     if "--loop" in text:
-        axes["loop"] = [x for x in ("asyncio", "uvloop") if x in text]
+        axes["loop"] = [x for x in ("uvloop", "asyncio") if x in text]  # the default first
     if re.search(r"--offload\b", text):
-        axes["offload"] = ["on", "off"]
+        axes["offload"] = ["off", "on"]  # the default first
     if re.search(r"--batch\b", text):
         axes["batch"] = ["1"]  # one packet per wake-up, against the default drain
     return axes
@@ -220,10 +220,10 @@ def all_modes() -> list[Mode]:
             name = "fl-" + loop
             if off:
                 extra += ["--offload", off]
-                name += f"-offload-{off}"
+                name += "-offload" if off == "on" else ""
             variants.append((name, extra))
-    for batch in axes.get("batch", []):  # on top of the last (fastest default) variant
-        name, extra = variants[-1]
+    for batch in axes.get("batch", []):  # on top of the first (default) variant
+        name, extra = variants[0]
         variants.append((f"{name}-batch{batch}", [*extra, "--batch", batch]))
     for name, extra in variants:
         modes.append(Mode(name, f"flannelette userspace VXLAN engine ({' '.join(extra)})",

@@ -177,10 +177,14 @@ def _spread(d: Mapping[str, Any] | None) -> str:
     return f"{d['median']:.2f} ({d['min']:.2f}–{d['max']:.2f})"
 
 
-def _kpps(v: float | None, converged: bool | None, sender_limited: bool | None) -> str:
+def _kpps(v: float | None, converged: bool | None, sender_limited: bool | None,
+          spread: Mapping[str, Any] | None = None) -> str:
     if v is None:
         return "–"
-    return ("≥" if sender_limited else "") + f"{v / 1000:.0f}k" + ("" if converged else "?")
+    text = ("≥" if sender_limited else "") + f"{v / 1000:.0f}k" + ("" if converged else "?")
+    if spread and spread.get("n", 0) > 1:
+        text += f" ({spread['min'] / 1000:.0f}–{spread['max'] / 1000:.0f}k)"
+    return text
 
 
 def markdown(doc: Mapping[str, Any]) -> str:
@@ -212,7 +216,8 @@ def markdown(doc: Mapping[str, Any]) -> str:
                  _spread(tcp.get("4", {}).get("gbps"))]
         for p in PAYLOADS:
             u = udp.get(str(p), {})
-            cells.append(_kpps(u.get("pps"), u.get("converged"), u.get("sender_limited")))
+            cells.append(_kpps(u.get("pps"), u.get("converged"), u.get("sender_limited"),
+                               u.get("pps_summary")))
         p50, p99 = ping.get("p50_ms"), ping.get("p99_ms")
         cells.append(f"{_fmt(p50 and p50 * 1000, '.0f')} / {_fmt(p99 and p99 * 1000, '.0f')}")
         a50 = ping.get("added_p50_ms")
