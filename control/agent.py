@@ -199,6 +199,7 @@ class Agent:
         self._was_connected = True
         self._restart: asyncio.Future[None] | None = None
         self._switch_lock = asyncio.Lock()  # live reconfiguration, one change at a time
+        self._routes_replaced = asyncio.Event()  # a new RouteProgrammer (new subnet)
 
     # ---- start-up steps ------------------------------------------------------------------
     async def _discover(self, stop: asyncio.Event) -> tuple[Registry, str] | None:
@@ -240,6 +241,7 @@ class Agent:
             device = engine.tun_name
             log.info("VXLAN engine up: %s %s/32 mtu %d, UDP %s:%d", device,
                      lease.subnet.network_address, self.mtu, self.public_ip, backend.port)
+        self._routes_replaced.set()
         self.routes = RouteProgrammer(device=device, network=self.config.network,
                                       own_subnet=lease.subnet)
         await self.routes.adopt()
@@ -312,11 +314,28 @@ class Agent:
                 return
 
     async def _watch_routes(self) -> None:
-        """Re-evaluate paths when links, addresses or routes change (DirectRouting)."""
-        try:
-            await self.routes.watch(self._handoff)
-        except ControlError as exc:
-            log.warning("route change monitor unavailable: %s", exc)
+        """Re-evaluate paths when links, addresses or routes change (DirectRouting).
+
+        Follows ``self.routes``: after a dataplane restart (a new subnet) the old
+        programmer's monitor is stopped, else its re-evaluations would hand its stale
+        peer set to the engine and re-plan the kernel's routes for the old subnet."""
+        while True:
+            self._routes_replaced.clear()
+            watch = asyncio.ensure_future(self.routes.watch(self._handoff))
+            replaced = asyncio.ensure_future(self._routes_replaced.wait())
+            try:
+                await asyncio.wait({watch, replaced}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in (watch, replaced):
+                    t.cancel()
+                await asyncio.gather(watch, replaced, return_exceptions=True)
+            if not watch.cancelled():
+                exc = watch.exception()
+                if isinstance(exc, ControlError):
+                    log.warning("route change monitor unavailable: %s", exc)
+                    return
+                if exc is not None:
+                    raise exc
 
     def _lease_acquired(self, lease: Lease) -> None:
         """A (re-)acquired lease: refresh subnet.env; a new subnet means a new dataplane."""
@@ -363,7 +382,11 @@ class Agent:
                 continue
             if changed:
                 current = value
-                await self._reconfigure(value)
+                try:
+                    await self._reconfigure(value)
+                except Exception as exc:  # a failed switch must not end the node
+                    log.error("applying the new network config failed: %s: %s",
+                              type(exc).__name__, exc)
 
     async def _reconfigure(self, text: str | None) -> None:
         """One new config value: switch in place, or keep the running config and say why."""
