@@ -127,6 +127,10 @@ def logged(agent: AgentProcess, text: str) -> bool:
     return text in agent.log()
 
 
+def lease_key(host: Host) -> str:
+    return f"{CONFIG_KEY.rsplit('/', 1)[0]}/subnets/{subnet(host).replace('/', '-')}"
+
+
 def lease_has(w: ThreeHosts, key: str, text: str) -> bool:
     return text in w.cluster.etcdctl("get", key, api=2).stdout
 
@@ -195,14 +199,16 @@ def test_live_switch_vxlan_dr_hostgw_vxlan_with_pings(world: ThreeHosts) -> None
 
 
 def test_bad_refused_and_deleted_configs_keep_the_running_one_v2(world: ThreeHosts) -> None:
-    """Over the v2 API (the seed's `etcdctl set`): bad configs change nothing, one error each."""
+    """Over the v2 API (the seed's `etcdctl set`): bad configs change nothing, one error
+    each; then nodes that started as host-gw (no engine, no VtepMAC yet) switch live to
+    the seed's VxLAN + Directrouting, and to another VNI."""
     w = world
     h1, h2, h3 = w.hosts
     for a in list(w.agents.values()):
         w.cluster.stop_agent(a)
     w.agents.clear()
     w.cluster.etcdctl("del", CONFIG_KEY, api=3, check=False)
-    set_config(w, VXLAN, api=2)
+    set_config(w, HOST_GW, api=2)
     start_all(w)
     before = pids(w)
     a1 = w.agent(h1)
@@ -218,19 +224,27 @@ def test_bad_refused_and_deleted_configs_keep_the_running_one_v2(world: ThreeHos
         errors = [line for line in a.log().splitlines() if " ERROR " in line]
         assert len(errors) == 2, errors  # exactly one line per bad config
         assert sum("SubnetLen must be less than /31" in e for e in errors) == 1
-    doc = wait_paths(w, h1, {"h2": "vxlan", "h3": "vxlan"})
-    assert doc["node"]["network"] == NETWORK and doc["node"]["backend"] == "vxlan"
-    assert ping_ok(w.lab, h1, h2) and ping_ok(w.lab, h1, h3)
-    # The seed's casing, set again after the rm: a live switch over v2.
+    assert "backend host-gw" in errors[0]
+    doc = wait_paths(w, h1, {"h2": "direct", "h3": "unreachable"})
+    assert doc["node"]["network"] == NETWORK and doc["node"]["backend"] == "host-gw"
+    assert doc["node"]["vtep_mac"] is None and doc["engine"] == {}
+    assert ping_ok(w.lab, h1, h2)
+    # The seed's casing, set again after the rm: a live switch over v2 to vxlan (engines
+    # start, VtepMACs are made and published).
     set_config(w, VXLAN_DR, api=2)
+    for h in w.hosts:
+        wait_for(functools.partial(lease_has, w, lease_key(h), '"VtepMAC"'), 20,
+                 f"{h.name} publishes a VtepMAC")
     wait_paths(w, h1, {"h2": "direct", "h3": "vxlan"})
-    assert ping_ok(w.lab, h1, h2) and ping_ok(w.lab, h3, h1)
+    wait_paths(w, h3, {"h1": "vxlan", "h2": "vxlan"})
+    for src, dst in ((h1, h2), (h3, h1), (h2, h3)):
+        assert w.lab.wait_ping(src.container_ns or "", dst.container_ip or "", deadline=15), (
+            src.name, dst.name)
     # A new VNI: every engine is rebuilt in place and the leases carry the new VNI.
     set_config(w, VXLAN_DR.replace('"Directrouting":true', '"Directrouting":true,"VNI":2'),
                api=2)
     for h in w.hosts:
-        key = f"{CONFIG_KEY.rsplit('/', 1)[0]}/subnets/{subnet(h).replace('/', '-')}"
-        wait_for(functools.partial(lease_has, w, key, '"VNI":2'), 20,
+        wait_for(functools.partial(lease_has, w, lease_key(h), '"VNI":2'), 20,
                  f"{h.name} publishes VNI 2")
         assert "VNI 1 -> 2" in w.agent(h).log()
     wait_paths(w, h3, {"h1": "vxlan", "h2": "vxlan"})
