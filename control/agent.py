@@ -513,6 +513,7 @@ class Agent:
                 "endpoints": list(self.opts.etcd.endpoints),
             },
             "engine": engine,
+            "reconcile": {"operations": self.routes.operations if self.routes else {}},
             "warnings": list(self._warnings),
         }
 

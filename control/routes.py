@@ -49,6 +49,8 @@ class RouteProgrammer:
         self._decisions: tuple[Decision, ...] = ()
         self._warnings: tuple[str, ...] = ()
         self._installed: tuple[Route, ...] = ()
+        self._op_counts: dict[str, int] = {k.value: 0 for k in rc.OpKind}
+        self._op_counts["failed"] = 0
 
     # ---- what the agent reads --------------------------------------------------------------
     @property
@@ -69,6 +71,16 @@ class RouteProgrammer:
     def routes(self) -> tuple[Route, ...]:
         """Our routes in the kernel after the last sync (or adopt)."""
         return self._installed
+
+    @property
+    def operations(self) -> dict[str, int]:
+        """Route operations applied so far, by kind, plus those the kernel refused."""
+        return dict(self._op_counts)
+
+    def _count(self, ops: Sequence[rc.RouteOp], errors: Sequence[str]) -> None:
+        for op in ops:
+            self._op_counts[op.kind.value] += 1
+        self._op_counts["failed"] += len(errors)
 
     def status(self) -> list[dict[str, Any]]:
         """Per-peer rows for ``/status``: subnet, PublicIP, path, reason, warning."""
@@ -92,6 +104,7 @@ class RouteProgrammer:
                      or (r.dst.overlaps(self.own_subnet) and r.dst != self.network)]
             ops = [rc.RouteOp(rc.OpKind.DELETE, r) for r in stale]
             errors = await netlink.aapply_ops(ops, self.proto, self.table)
+            self._count(ops, errors)
             for op in ops:
                 log.info("removed route left by an earlier run: %s", op.route)
             for e in errors:
@@ -170,6 +183,7 @@ class RouteProgrammer:
         if handoff is not None and plan.ops:
             handoff(rc.make_before_break(self.peers, plan.peers))
         errors = await netlink.aapply_ops(plan.ops, self.proto, self.table)
+        self._count(plan.ops, errors)
         for op in plan.ops:
             log.debug("route %s", op)
         for line in rc.path_changes(self._paths, plan.decisions):

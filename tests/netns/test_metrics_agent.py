@@ -53,6 +53,9 @@ def test_metrics_parse_and_counters_move_with_pings(lab: Lab) -> None:
         expiry = before[("flannelette_lease_expiry_timestamp_seconds", ())]
         assert time.time() + 86400 - 120 < expiry < time.time() + 86400 + 10
         assert before[("flannelette_engine_max_batch_packets", (("source", "tun"),))] >= 1
+        # vxlan: the agent replaced (at least) the Network route into the TUN once.
+        assert before[("flannelette_reconcile_operations_total", (("op", "replace"),))] >= 1
+        assert before[("flannelette_reconcile_operations_total", (("op", "failed"),))] == 0
 
         assert lab.ping(h1.container_ns, h2.container_ip, count=20, interval=0.05
                         ).returncode == 0
