@@ -36,6 +36,10 @@ class Peer:
     public_ip: ipaddress.IPv4Address
     vtep_mac: bytes | None  # 6 bytes; None for peers without VXLAN data (host-gw leases)
     path: Path = Path.VXLAN
+    # The peer is a flannelette engine (its lease says so): it accepts inner TCP
+    # checksums left partial (pseudo-header sum only), so the TSO split may skip the
+    # full per-segment checksum. A kernel VXLAN receiver would drop such packets.
+    partial_csum: bool = False
 
     def __post_init__(self) -> None:
         if self.vtep_mac is not None and len(self.vtep_mac) != 6:

@@ -25,6 +25,9 @@ from dataplane.errors import DataplaneError
 from dataplane.fib import Peer
 from dataplane.stats import EngineStats
 
+# A 4th --peer field: the peer is a flannelette engine (accepts partial TCP checksums).
+FLANNELETTE = "flannelette"
+
 
 class _UsageError(DataplaneError):
     pass
@@ -37,8 +40,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _peer(text: str) -> Peer:
     parts = text.split(",")
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"--peer wants SUBNET,PUBLICIP,VTEPMAC, got {text!r}")
+    if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3].strip() != FLANNELETTE):
+        raise argparse.ArgumentTypeError(
+            f"--peer wants SUBNET,PUBLICIP,VTEPMAC[,{FLANNELETTE}], got {text!r}")
     try:
         subnet = ipaddress.IPv4Network(parts[0].strip())
         public_ip = ipaddress.IPv4Address(parts[1].strip())
@@ -48,7 +52,7 @@ def _peer(text: str) -> Peer:
         mac = wire.mac_from_str(parts[2])
     except DataplaneError as e:
         raise argparse.ArgumentTypeError(f"--peer {text!r}: {e}") from None
-    return Peer(subnet, public_ip, mac)
+    return Peer(subnet, public_ip, mac, partial_csum=len(parts) == 4)
 
 
 def _mac(text: str) -> bytes:
@@ -83,7 +87,9 @@ def _parser() -> _Parser:
     p.add_argument("--tun-name", default=None, help="default flannel.<vni>")
     p.add_argument("--port", type=int, default=wire.VXLAN_PORT)
     p.add_argument("--peer", type=_peer, action="append", default=[],
-                   metavar="SUBNET,PUBLICIP,VTEPMAC", help="a peer (repeatable)")
+                   metavar="SUBNET,PUBLICIP,VTEPMAC[,flannelette]",
+                   help="a peer (repeatable); ',flannelette' marks a flannelette engine, "
+                        "whose TCP segments may carry partial checksums (offload on)")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     p.add_argument("--batch", type=int, default=256, help="packets drained per wake-up")
     p.add_argument("--offload", choices=("on", "off"), default="off",
@@ -127,9 +133,12 @@ async def _run(config: EngineConfig, peers: Sequence[Peer], stats_file: str | No
         await engine.close()
 
 
-def command(subnet: str, public_ip: str, vtep_mac: str, peers: Sequence[tuple[str, str, str]],
+def command(subnet: str, public_ip: str, vtep_mac: str, peers: Sequence[Sequence[str]],
             *extra: str, python: str | None = None) -> list[str]:
-    """The argv that runs this engine as a process (for tests and benchmarks)."""
+    """The argv that runs this engine as a process (for tests and benchmarks).
+
+    A peer is (subnet, public_ip, vtep_mac[, "flannelette"]).
+    """
     argv = [python or sys.executable, "-m", "dataplane.standalone", "--subnet", subnet,
             "--public-ip", public_ip, "--vtep-mac", vtep_mac]
     for p in peers:

@@ -42,6 +42,7 @@ class EngineStats:
     icmp_unreachable: int = 0
     rx_csum_partial: int = 0  # written to the TUN with NEEDS_CSUM
     rx_gso: int = 0  # written to the TUN as one GSO super-packet
+    tx_csum_partial: int = 0  # TCP segments sent to flannelette peers with a partial checksum
 
     @property
     def total_drops(self) -> int:

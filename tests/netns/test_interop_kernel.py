@@ -53,6 +53,7 @@ def test_engine_and_kernel_vxlan_static_neighbour(lab: Lab, tmp_path: Path, offl
     # The kernel's partial checksums were handed back to the kernel as NEEDS_CSUM/GSO.
     assert s.rx_csum_partial + s.rx_gso > 0
     assert s.drops["tun_write_failed"] == 0
+    assert s.tx_csum_partial == 0  # a kernel peer always gets full checksums
 
 
 @pytest.mark.parametrize("offload", ["off", "on"])

@@ -102,3 +102,35 @@ def test_runner_command_line() -> None:
                               "--loop", "asyncio", python="python3")
     assert argv[:3] == ["python3", "-m", "dataplane.standalone"]
     assert "10.244.2.0/24,10.10.1.2,0a:00:00:00:00:02" in argv and argv[-1] == "asyncio"
+
+
+def test_peer_is_a_kernel_peer_unless_marked_flannelette() -> None:
+    plain = Peer(NET("10.244.2.0/24"), IP("10.10.1.2"), bytes.fromhex("0a0000000002"))
+    assert plain.partial_csum is False
+    p = standalone._parser().parse_args(
+        ["--subnet", "10.244.1.0/24", "--public-ip", "10.10.1.1",
+         "--peer", "10.244.2.0/24,10.10.1.2,0a:00:00:00:00:02",
+         "--peer", "10.244.3.0/24,10.10.1.3,0a:00:00:00:00:03,flannelette"])
+    assert [x.partial_csum for x in p.peer] == [False, True]
+    argv = standalone.command("10.244.1.0/24", "10.10.1.1", "0a:00:00:00:00:01",
+                              [("10.244.3.0/24", "10.10.1.3", "0a:00:00:00:00:03",
+                                standalone.FLANNELETTE)])
+    assert "10.244.3.0/24,10.10.1.3,0a:00:00:00:00:03,flannelette" in argv
+
+
+@pytest.mark.parametrize("spec", ["10.244.2.0/24,10.10.1.2,0a:00:00:00:00:02,kernel",
+                                  "10.244.2.0/24,10.10.1.2,0a:00:00:00:00:02,flannelette,x"])
+def test_peer_with_an_unknown_fourth_field_is_one_line_error(
+        spec: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert standalone.main(["--subnet", "10.244.1.0/24", "--public-ip", "10.10.1.1",
+                            "--peer", spec]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "flannelette" in err and "Traceback" not in err
+
+
+def test_stats_count_partial_checksum_segments_and_read_old_files() -> None:
+    st = EngineStats(tx_csum_partial=7)
+    assert EngineStats.from_dict(json.loads(json.dumps(st.to_dict()))).tx_csum_partial == 7
+    old = st.to_dict()
+    del old["tx_csum_partial"]  # a stats file written before the field existed
+    assert EngineStats.from_dict(old).tx_csum_partial == 0
