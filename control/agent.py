@@ -170,7 +170,8 @@ def peers_from_leases(peers: PeerMap, backend: str) -> tuple[Peer, ...]:
     """Lease table -> dataplane peers. Paths are a first guess; the route step decides."""
     path = Path.VXLAN if backend == "vxlan" else Path.DIRECT
     return tuple(Peer(le.subnet, le.attrs.public_ip,
-                      le.attrs.vtep_mac if backend == "vxlan" else None, path)
+                      le.attrs.vtep_mac if backend == "vxlan" else None, path,
+                      partial_csum=backend == "vxlan" and le.attrs.csum_partial)
                  for le in sorted(peers.values(), key=lambda le: le.subnet))
 
 
@@ -449,7 +450,8 @@ class Agent:
         b = new.backend
         vxlan = b.type == "vxlan"
         await self.keeper.republish(LeaseAttrs(self.public_ip, b.type, b.vni if vxlan else None,
-                                               self.vtep_mac if vxlan else None), new)
+                                               self.vtep_mac if vxlan else None,
+                                               csum_partial=vxlan), new)
 
     async def _make_engine(self, lease: Lease, config: NetworkConfig, mtu: int) -> Any:
         """A started VXLAN engine for ``config`` (a live switch to vxlan, or new options)."""
@@ -581,7 +583,8 @@ class Agent:
             from dataplane.wire import random_vtep_mac
             self.vtep_mac = random_vtep_mac()
         attrs = LeaseAttrs(self.public_ip, backend.type,
-                           backend.vni if backend.type == "vxlan" else None, self.vtep_mac)
+                           backend.vni if backend.type == "vxlan" else None, self.vtep_mac,
+                           csum_partial=backend.type == "vxlan")  # our engine completes them
 
         def preferred() -> list[ipaddress.IPv4Network]:
             old = subnetenv.read_subnet(opts.subnet_file)

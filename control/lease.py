@@ -26,6 +26,7 @@ from control.errors import AllocationError, LeaseValueError
 LEASE_TTL = 24 * 3600  # seconds, flannel's subnetTTL
 RENEW_MARGIN = 60 * 60  # seconds, flannel's --subnet-lease-renew-margin default
 CANDIDATES = 100  # flannel picks at random among the first 100 free subnets
+FLANNELETTE_FIELD = "Flannelette"  # our capabilities inside a vxlan lease's BackendData
 KEY_RE = re.compile(r"(\d+\.\d+.\d+.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?$")
 
 
@@ -71,6 +72,9 @@ class LeaseAttrs:
     backend_type: str
     vni: int | None = None
     vtep_mac: bytes | None = None
+    # A flannelette node: its engine accepts inner TCP checksums left partial. Published
+    # as BackendData.Flannelette.CsumPartial, a field flannel's decoder ignores.
+    csum_partial: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,17 +96,32 @@ class Lease:
 
 
 def encode_attrs(attrs: LeaseAttrs) -> str:
-    """The lease value exactly as flannel writes it (field order, null PublicIPv6)."""
+    """The lease value exactly as flannel writes it (field order, null PublicIPv6).
+
+    A ``csum_partial`` vxlan lease adds ``"Flannelette":{"CsumPartial":true}`` after
+    VtepMAC inside BackendData; everything before it stays byte-identical to
+    flannel's, and flannel's vxlan backend (Go's JSON decoder) ignores the field.
+    """
     doc: dict[str, Any] = {"PublicIP": str(attrs.public_ip), "PublicIPv6": None,
                            "BackendType": attrs.backend_type}
     if attrs.backend_type == "vxlan":
-        doc["BackendData"] = {"VNI": attrs.vni if attrs.vni is not None else 1,
-                              "VtepMAC": mac_to_text(attrs.vtep_mac or bytes(6))}
+        data: dict[str, Any] = {"VNI": attrs.vni if attrs.vni is not None else 1,
+                                "VtepMAC": mac_to_text(attrs.vtep_mac or bytes(6))}
+        if attrs.csum_partial:
+            data[FLANNELETTE_FIELD] = {"CsumPartial": True}
+        doc["BackendData"] = data
     return json.dumps(doc, separators=(",", ":"))
 
 
 def _fold(obj: Mapping[str, Any]) -> dict[str, Any]:
     return {k.lower(): v for k, v in obj.items()}
+
+
+def _csum_partial(bdata: Mapping[str, Any]) -> bool:
+    """True only for ``"Flannelette":{"CsumPartial":true}``; anything else is a peer
+    that may be a kernel (flannel never writes the field), never an error."""
+    ext = bdata.get(FLANNELETTE_FIELD.lower())
+    return isinstance(ext, dict) and _fold(ext).get("csumpartial") is True
 
 
 def decode_attrs(value: str | bytes) -> LeaseAttrs:
@@ -125,6 +144,7 @@ def decode_attrs(value: str | bytes) -> LeaseAttrs:
     btype = btype.lower()
     vni: int | None = None
     mac: bytes | None = None
+    partial = False
     if btype == "vxlan":
         data = fields.get("backenddata")
         if not isinstance(data, dict):
@@ -141,7 +161,8 @@ def decode_attrs(value: str | bytes) -> LeaseAttrs:
             mac = mac_from_text(raw_mac)
         except ValueError as exc:
             raise LeaseValueError(f"lease VtepMAC: {exc}") from None
-    return LeaseAttrs(public_ip, btype, vni, mac)
+        partial = _csum_partial(bdata)
+    return LeaseAttrs(public_ip, btype, vni, mac, partial)
 
 
 def decode_lease(raw: RawLease) -> Lease:
