@@ -146,7 +146,7 @@ def engine_options() -> dict[str, list[str]]:
 
 
 def vtep_mac(host: Host) -> str:
-    """A fixed, locally administered unicast VtepMAC per host (02:fl:…:<last octet>)."""
+    """A fixed, locally administered unicast VtepMAC per host: 02:f1:00:00:00:<last IP octet>."""
     return f"02:f1:00:00:00:{int(host.ip) & 0xFF:02x}"
 
 
