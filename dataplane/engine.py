@@ -58,6 +58,12 @@ class EngineConfig:
     socket_buffer: int = udp.BUFFER_BYTES
     # TUN TSO + UDP GSO/GRO + userspace GRO: one system call moves up to ~64 KB.
     offload: bool = False
+    # Receive with UDP GRO + userspace GRO even without ``offload`` (it needs no TUN
+    # offload: the TUN accepts GSO writes anyway); skipped if the kernel refuses UDP_GRO.
+    rx_gro: bool = True
+    # Without ``offload``: full-size packets to one peer that one wake-up drains are sent
+    # with one UDP GSO call (the receiver sees ordinary datagrams).
+    tx_gso: bool = True
 
     def __post_init__(self) -> None:
         if len(self.vtep_mac) != 6 or self.vtep_mac[0] & 1:
@@ -119,10 +125,16 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tun_name = config.device_name
         # TUN -> UDP buffer: VXLAN header written once at 0..8, reads land at _HEAD.
-        self._txbuf = bytearray(_BUF)
+        # Without offload, packets are read into slots of one datagram each (VXLAN +
+        # Ethernet + MTU), so full-size packets to one peer lie back to back, ready for
+        # one UDP GSO send; every slot's view runs to the end (room for any read).
+        self._stride = wire.ENCAP_HLEN + config.mtu
+        nslots = max(1, min(_GSO_MAX_SEGS, _UDP_MAX // self._stride)) if config.tx_gso else 1
+        self._txbuf = bytearray(nslots * self._stride + _BUF)
         self._txbuf[0:wire.VXLAN_HLEN] = self._vxlan
         self._txview = memoryview(self._txbuf)
         self._txin = [self._txview[_HEAD:]]
+        self._slots = [[self._txview[i * self._stride + _HEAD:]] for i in range(nslots)]
         self._eth_tail = self._own_mac + wire.ETH_P_IP.to_bytes(2, "big")  # bytes 14..22
         # UDP -> TUN buffer.
         self._rxbuf = bytearray(_BUF)
@@ -130,7 +142,7 @@ class Engine:
         # Offload mode: TSO segments are built here; GRO merges into the coalescer.
         self._segbuf = bytearray(2 * _BUF) if config.offload else bytearray()
         self._segview = memoryview(self._segbuf)
-        self._gro = offload.Coalescer() if config.offload else None
+        self._gro = offload.Coalescer() if config.offload or config.rx_gro else None
         self._udp_gso = True  # cleared when the kernel refuses UDP_SEGMENT
 
     # ---- public API -------------------------------------------------------------------
@@ -150,19 +162,19 @@ class Engine:
             if cfg.offload:
                 tun.set_offload(self._tun_fd, tun.TUN_F_CSUM | tun.TUN_F_TSO4
                                 | tun.TUN_F_TSO6 | tun.TUN_F_TSO_ECN)
+            rx_gro = cfg.offload or cfg.rx_gro
+            if rx_gro:
                 try:
                     self._sock.setsockopt(SOL_UDP, UDP_GRO, 1)
                 except OSError as e:
-                    raise DeviceError(f"UDP_GRO refused: {e.strerror}") from None
+                    if cfg.offload:
+                        raise DeviceError(f"UDP_GRO refused: {e.strerror}") from None
+                    rx_gro = False  # an old kernel: one datagram per receive
         except BaseException:
             await self.close()
             raise
-        if cfg.offload:
-            self._loop.add_reader(self._tun_fd, self._on_tun_offload)
-            self._loop.add_reader(self._sock.fileno(), self._on_udp_offload)
-        else:
-            self._loop.add_reader(self._tun_fd, self._on_tun)
-            self._loop.add_reader(self._sock.fileno(), self._on_udp)
+        self._loop.add_reader(self._tun_fd, self._on_tun_offload if cfg.offload else self._on_tun)
+        self._loop.add_reader(self._sock.fileno(), self._on_udp_offload if rx_gro else self._on_udp)
 
     def set_peers(self, peers: Iterable[Peer]) -> None:
         """Replace the whole peer set at once; only Path.VXLAN peers are tunnelled."""
@@ -213,51 +225,84 @@ class Engine:
 
     # ---- hot path: TUN -> UDP ---------------------------------------------------------
     def _on_tun(self) -> None:
-        fd, bufs, buf, view = self._tun_fd, self._txin, self._txbuf, self._txview
+        """Drain the TUN; full-size packets to one peer go out in one UDP GSO send.
+
+        Packet k of a run lands in slot k (stride VXLAN + Ethernet + MTU), its
+        22-byte prefix written over the vnet header in front of it; a run ends at a
+        shorter packet (GSO allows only the last one shorter), another peer, a full
+        slot table or the end of the drain, and is sent with one ``sendmsg``.
+        """
+        fd, slots, buf = self._tun_fd, self._slots, self._txbuf
         sock = self._sock
         if sock is None:
             return
         table = self._table
         tx, mask = table.tx, table.mask
-        sendto, readv = sock.sendto, os.readv
-        eth_tail, drops, mtu = self._eth_tail, self._drops, self.config.mtu
+        readv, check, from_bytes = os.readv, wire.check_tun_packet, int.from_bytes
+        drops, mtu, stride = self._drops, self.config.mtu, self._stride
+        nslots = len(slots)
+        full = mtu + offload.VNET_HDR_LEN
         count = 0
         batch = self.config.batch
+        start = nxt = 0  # the pending run is slots start..nxt-1
+        run: _Route | None = None
         while count < batch:
+            if nxt == nslots:
+                if run is not None:
+                    self._send_run(sock, start * stride, nxt * stride, run)
+                start = nxt = 0
+                run = None
             try:
-                n = readv(fd, bufs)
+                n = readv(fd, slots[nxt])
             except BlockingIOError:
                 break
             except OSError:
                 drops[DropReason.TRUNCATED] += 1
                 break
             count += 1
+            base = nxt * stride
             plen = n - offload.VNET_HDR_LEN
-            bad = wire.check_tun_packet(buf, wire.OFF_IP, plen, mtu)
+            bad = check(buf, base + wire.OFF_IP, plen, mtu)
             if bad is not None:
                 drops[bad] += 1
                 continue
-            route = tx.get(int.from_bytes(buf[38:42], "big") & mask)
+            route = tx.get(from_bytes(buf[base + 38:base + 42], "big") & mask)
             if route is None:
-                self._unreachable(plen)
+                self._unreachable(plen, base)
                 continue
-            buf[8:14] = route[0]
-            buf[14:22] = eth_tail
-            try:
-                sendto(view[:n + _HEAD], route[1])
-            except OSError:
-                drops[DropReason.SEND_FAILED] += 1
-                continue
+            if route is not run:
+                if run is not None:
+                    self._send_run(sock, start * stride, base, run)
+                start = nxt
+                run = route
+            buf[base:base + wire.ENCAP_HLEN] = route[3]
             c = route[2]
             c[0] += 1
             c[1] += plen
+            nxt += 1
+            if n != full:  # shorter: the last of its run
+                self._send_run(sock, start * stride, base + wire.ENCAP_HLEN + plen, route)
+                start = nxt = 0
+                run = None
+        if run is not None:
+            self._send_run(sock, start * stride, nxt * stride, run)
         nn = self._n
         nn[0] += count
         nn[2] += 1
         if count > nn[4]:
             nn[4] = count
 
-    def _unreachable(self, plen: int) -> None:
+    def _send_run(self, sock: socket.socket, first: int, end: int, route: _Route) -> None:
+        """Send ``txbuf[first:end]``: one datagram, or a run of stride-sized ones via GSO."""
+        if end - first <= self._stride:
+            try:
+                sock.sendto(self._txview[first:end], route[1])
+            except OSError:
+                self._drops[DropReason.SEND_FAILED] += 1
+            return
+        self._send_segments(sock, end - first, self._stride, route[1], self._txview[first:end])
+
+    def _unreachable(self, plen: int, base: int = 0) -> None:
         """No peer owns the destination: count it and answer ICMP host unreachable.
 
         The error comes from the address a VTEP for the destination's subnet would
@@ -265,8 +310,9 @@ class Engine:
         packets arriving with one of its own addresses as source.
         """
         self._drops[DropReason.NO_ROUTE] += 1
-        dst = int.from_bytes(self._txbuf[38:42], "big") & self._table.mask
-        reply = wire.icmp_unreachable(self._txview[wire.OFF_IP:wire.OFF_IP + plen],
+        dst = int.from_bytes(self._txbuf[base + 38:base + 42], "big") & self._table.mask
+        ip = base + wire.OFF_IP
+        reply = wire.icmp_unreachable(self._txview[ip:ip + plen],
                                       dst.to_bytes(4, "big"))
         if reply is None:
             return
@@ -398,9 +444,11 @@ class Engine:
             nn[4] = count
 
     def _send_segments(self, sock: socket.socket, used: int, seglen: int,
-                       addr: tuple[str, int]) -> None:
-        """Send ``segbuf[:used]`` (datagrams of ``seglen``, the last shorter) to ``addr``."""
-        view = self._segview
+                       addr: tuple[str, int], view: memoryview | None = None) -> None:
+        """Send ``view[:used]`` (default the TSO segment buffer; datagrams of ``seglen``,
+        the last shorter) to ``addr``: UDP GSO, per datagram if the kernel refuses it."""
+        if view is None:
+            view = self._segview
         per_call = min(_GSO_MAX_SEGS, _UDP_MAX // seglen) * seglen
         off = 0
         while off < used:

@@ -94,6 +94,12 @@ def _parser() -> _Parser:
     p.add_argument("--batch", type=int, default=256, help="packets drained per wake-up")
     p.add_argument("--offload", choices=("on", "off"), default="off",
                    help="TUN TSO + UDP GSO/GRO + userspace GRO (default off)")
+    p.add_argument("--rx-gro", choices=("on", "off"), default="on",
+                   help="UDP GRO + userspace GRO on receive, also with --offload off "
+                        "(default on; off: one datagram per receive)")
+    p.add_argument("--tx-gso", choices=("on", "off"), default="on",
+                   help="with --offload off: full-size packets to one peer drained in one "
+                        "wake-up go out in one UDP GSO send (default on)")
     p.add_argument("--stats-file", default=None, help="JSON stats, rewritten periodically")
     p.add_argument("--stats-interval", type=float, default=0.5, help="seconds between writes")
     return p
@@ -163,7 +169,8 @@ def main(argv: list[str]) -> int:
             subnet=args.subnet, public_ip=args.public_ip,
             vtep_mac=args.vtep_mac or wire.random_vtep_mac(), vni=args.vni, mtu=args.mtu,
             tun_name=args.tun_name, port=args.port, batch=args.batch,
-            offload=args.offload == "on")
+            offload=args.offload == "on", rx_gro=args.rx_gro == "on",
+            tx_gso=args.tx_gso == "on")
         if args.stats_interval <= 0:
             raise _UsageError(f"--stats-interval must be > 0, got {args.stats_interval}")
         coro = _run(config, args.peer, args.stats_file, args.stats_interval)

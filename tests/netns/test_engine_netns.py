@@ -102,6 +102,14 @@ def wait_stats(path: Path, ok: Callable[[EngineStats], bool], deadline: float = 
         time.sleep(0.1)
 
 
+def offload_args(mode: str) -> list[str]:
+    """Engine flags for a mode: on, off (default: UDP GSO out, GRO in) or plain (neither:
+    one datagram per system call, the path kernels without UDP GSO/GRO take)."""
+    if mode == "plain":
+        return ["--offload", "off", "--rx-gro", "off", "--tx-gso", "off"]
+    return ["--offload", mode]
+
+
 @pytest.fixture
 def engines(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest
             ) -> tuple[Lab, Host, Host, Path, Path]:
@@ -111,14 +119,15 @@ def engines(lab: Lab, tmp_path: Path, request: pytest.FixtureRequest
     h2 = lab.add_host("h2", "A", "10.244.2.0/24")
     s1, s2 = tmp_path / "h1.json", tmp_path / "h2.json"
     off1, off2 = ("on", "off") if offload == "mixed" else (offload, offload)
-    start_engine(lab, h1, MAC1, [(h2, MAC2)], s1, "--loop", loop, "--offload", off1)
-    start_engine(lab, h2, MAC2, [(h1, MAC1)], s2, "--loop", loop, "--offload", off2)
+    start_engine(lab, h1, MAC1, [(h2, MAC2)], s1, "--loop", loop, *offload_args(off1))
+    start_engine(lab, h2, MAC2, [(h1, MAC1)], s2, "--loop", loop, *offload_args(off2))
     return lab, h1, h2, s1, s2
 
 
 @pytest.mark.parametrize("engines", [("uvloop", "off"), ("asyncio", "off"), ("uvloop", "on"),
-                                     ("asyncio", "mixed")], indirect=True,
-                         ids=["uvloop", "asyncio", "uvloop-offload", "offload-with-plain-peer"])
+                                     ("asyncio", "mixed"), ("uvloop", "plain")], indirect=True,
+                         ids=["uvloop", "asyncio", "uvloop-offload", "offload-with-plain-peer",
+                              "per-datagram"])
 def test_two_engines_ping_and_tcp_both_ways(engines: tuple[Lab, Host, Host, Path, Path]
                                             ) -> None:
     lab, h1, h2, s1, s2 = engines

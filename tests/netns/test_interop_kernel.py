@@ -12,7 +12,13 @@ import pytest
 
 from benchmarks.kernel_vxlan import KernelVxlan
 from benchmarks.lab import Host, Lab
-from tests.netns.test_engine_netns import MAC1, start_engine, tcp_transfer, wait_stats
+from tests.netns.test_engine_netns import (
+    MAC1,
+    offload_args,
+    start_engine,
+    tcp_transfer,
+    wait_stats,
+)
 
 pytestmark = pytest.mark.netns
 
@@ -25,7 +31,7 @@ def _setup(lab: Lab, tmp_path: Path, static_neighbour: bool, offload: str = "off
     kv = KernelVxlan.create(h2.ns, "10.244.2.0/24", str(h2.ip))
     kv.add_peer("10.244.1.0/24", str(h1.ip), MAC1, static_neighbour=static_neighbour)
     stats = tmp_path / "h1.json"
-    start_engine(lab, h1, MAC1, [(h2, kv.mac)], stats, "--offload", offload)
+    start_engine(lab, h1, MAC1, [(h2, kv.mac)], stats, *offload_args(offload))
     return h1, h2, kv, stats
 
 
@@ -40,7 +46,7 @@ def _ping_and_tcp_both_ways(lab: Lab, h1: Host, h2: Host) -> None:
     assert sent == received and sent.startswith(str(4 << 20)), "engine -> kernel"
 
 
-@pytest.mark.parametrize("offload", ["off", "on"])
+@pytest.mark.parametrize("offload", ["off", "on", "plain"])
 def test_engine_and_kernel_vxlan_static_neighbour(lab: Lab, tmp_path: Path, offload: str
                                                   ) -> None:
     h1, h2, kv, stats = _setup(lab, tmp_path, static_neighbour=True, offload=offload)

@@ -134,3 +134,11 @@ def test_stats_count_partial_checksum_segments_and_read_old_files() -> None:
     old = st.to_dict()
     del old["tx_csum_partial"]  # a stats file written before the field existed
     assert EngineStats.from_dict(old).tx_csum_partial == 0
+
+
+def test_udp_gso_and_gro_are_on_by_default_and_can_be_turned_off() -> None:
+    c = config()
+    assert (c.offload, c.rx_gro, c.tx_gso) == (False, True, True)
+    p = standalone._parser().parse_args(["--subnet", "10.244.1.0/24", "--public-ip", "10.10.1.1",
+                                         "--rx-gro", "off", "--tx-gso", "off"])
+    assert (p.rx_gro, p.tx_gso) == ("off", "off")
