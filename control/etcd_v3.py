@@ -223,26 +223,30 @@ class EtcdV3Registry:
         client = await self._connect()
         await self._guard(client.delete(self._key(subnet)))
 
+    async def _open_watch(self, key: bytes, start: int, *, prefix: bool = False) -> _Stream:
+        """Open a watch of ``key`` (or every key under it) from revision ``start``."""
+        client = await self._connect()
+        call = client.watch_prefix if prefix else client.watch
+        try:
+            watch = await asyncio.wait_for(call(key, start_revision=start),
+                                           self._options.timeout + 1.0)
+        except aetcd.exceptions.RevisionCompactedError as exc:
+            raise ResyncRequired(f"etcd v3 revision {start} compacted: {exc}") from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            err = self._unavailable(exc)
+            await self._drop()
+            raise err from None
+        return _Stream(watch, start)
+
     async def watch_leases(self, cursor: int, timeout: float) -> WatchBatch:
         stream = self._stream
         if stream is None or stream.start > cursor + 1:
             if stream is not None:
                 await stream.close()
-            client = await self._connect()
-            try:
-                watch = await asyncio.wait_for(
-                    client.watch_prefix(self._prefix, start_revision=cursor + 1),
-                    self._options.timeout + 1.0)
-            except aetcd.exceptions.RevisionCompactedError as exc:
-                raise ResyncRequired(f"etcd v3 revision {cursor + 1} compacted: {exc}"
-                                     ) from None
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                err = self._unavailable(exc)
-                await self._drop()
-                raise err from None
-            stream = self._stream = _Stream(watch, cursor + 1)
+            stream = self._stream = await self._open_watch(self._prefix, cursor + 1,
+                                                           prefix=True)
         items: list[Any] = []
         try:
             items.append(await asyncio.wait_for(stream.queue.get(), timeout))
@@ -301,21 +305,8 @@ class EtcdV3Registry:
         stream = self._config_stream
         if stream is None or stream.start != cursor + 1:
             await self._close_config_stream()
-            client = await self._connect()
-            try:
-                watch = await asyncio.wait_for(
-                    client.watch(self._config_key(), start_revision=cursor + 1),
-                    self._options.timeout + 1.0)
-            except aetcd.exceptions.RevisionCompactedError as exc:
-                raise ResyncRequired(f"etcd v3 revision {cursor + 1} compacted: {exc}"
-                                     ) from None
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                err = self._unavailable(exc)
-                await self._drop()
-                raise err from None
-            stream = self._config_stream = _Stream(watch, cursor + 1)
+            stream = self._config_stream = await self._open_watch(self._config_key(),
+                                                                  cursor + 1)
         while True:
             try:
                 item = await asyncio.wait_for(stream.queue.get(), timeout)
