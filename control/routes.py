@@ -51,6 +51,9 @@ class RouteProgrammer:
         self._installed: tuple[Route, ...] = ()
         self._op_counts: dict[str, int] = {k.value: 0 for k in rc.OpKind}
         self._op_counts["failed"] = 0
+        # Route lookups per PublicIP, trusted only while watch() hears every kernel change.
+        self._lookups: dict[ipaddress.IPv4Address, tuple[rc.RouteLookup, ...]] = {}
+        self._watching = False
 
     # ---- what the agent reads --------------------------------------------------------------
     @property
@@ -136,6 +139,7 @@ class RouteProgrammer:
     async def resync(self, handoff: Handoff | None = None) -> tuple[Peer, ...] | None:
         """Run the last sync again (after our addresses or routes changed); None if none yet."""
         async with self._lock:
+            self._lookups.clear()  # the kernel changed: every cached answer may be stale
             if self._last is None:
                 return None
             return await self._sync(*self._last, handoff)
@@ -148,18 +152,26 @@ class RouteProgrammer:
         sync and the subscription is not missed.
         """
         async with netlink.ChangeMonitor(own_proto=self.proto, debounce=debounce) as mon:
-            first = True
-            while True:
-                if not first:
-                    await mon.wait()
-                first = False
-                try:
-                    peers = await self.resync()
-                except Exception:  # a failing re-evaluation must not end the watch
-                    log.exception("re-evaluating routes after a change failed")
-                    continue
-                if peers is not None:
-                    on_peers(peers)
+            self._watching = True
+            try:
+                await self._watch_loop(mon, on_peers)
+            finally:
+                self._watching = False
+                self._lookups.clear()
+
+    async def _watch_loop(self, mon: netlink.ChangeMonitor, on_peers: Handoff) -> None:
+        first = True
+        while True:
+            if not first:
+                await mon.wait()
+            first = False
+            try:
+                peers = await self.resync()
+            except Exception:  # a failing re-evaluation must not end the watch
+                log.exception("re-evaluating routes after a change failed")
+                continue
+            if peers is not None:
+                on_peers(peers)
 
     async def remove_all(self) -> tuple[Route, ...]:
         """Delete every route we installed (for cleanup); returns what was removed."""
@@ -174,8 +186,8 @@ class RouteProgrammer:
         self._last = (kind, direct_routing, peers)
         reach: dict[ipaddress.IPv4Address, rc.Reachability] = {}
         if rc.needs_lookup(kind, direct_routing):
-            looked = await netlink.aroute_get({p.public_ip for p in peers})
-            reach = {ip: rc.reachability(lookups) for ip, lookups in looked.items()}
+            reach = {ip: rc.reachability(found)
+                     for ip, found in (await self._route_get(peers)).items()}
         installed = await netlink.alist_routes(self.proto, self.table)
         plan = rc.plan(backend=kind, direct_routing=direct_routing, network=self.network,
                        own_subnet=self.own_subnet, device=self.device, peers=peers,
@@ -202,6 +214,26 @@ class RouteProgrammer:
         else:
             self._installed = tuple(sorted(rc.apply_to(installed, plan.ops), key=Route.sort_key))
         return plan.peers
+
+    async def _route_get(self, peers: tuple[Peer, ...]
+                         ) -> dict[ipaddress.IPv4Address, tuple[rc.RouteLookup, ...] | None]:
+        """The kernel's route to each peer's PublicIP, asking only for new addresses.
+
+        While :meth:`watch` runs, every link/address/route change clears the cache
+        (through :meth:`resync`), so a burst of peer changes costs one lookup per new
+        PublicIP instead of one per peer; without a watch every sync asks again.
+        """
+        wanted = {p.public_ip for p in peers}
+        if not self._watching:
+            return await netlink.aroute_get(wanted)
+        missing = wanted - self._lookups.keys()
+        looked = await netlink.aroute_get(missing) if missing else {}
+        for ip, found in looked.items():
+            if found is not None:  # failures are asked again next time
+                self._lookups[ip] = found
+        for gone in self._lookups.keys() - wanted:
+            del self._lookups[gone]
+        return {ip: self._lookups.get(ip, looked.get(ip)) for ip in wanted}
 
     def path_of(self) -> Mapping[ipaddress.IPv4Network, Path]:
         """Subnet -> path of the last sync."""
