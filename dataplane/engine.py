@@ -4,13 +4,19 @@ Two callbacks run on the event loop (uvloop or plain asyncio), each draining
 up to ``batch`` ready packets per wake-up, with no await and no allocation
 beyond what a system call returns:
 
-- TUN readable: read ``vnet_hdr + IP`` into a preallocated buffer at offset 12,
-  so the IP packet lands at offset 22; write Ethernet over the 10 vnet-header
-  bytes (the VXLAN header at 0..8 is written once); ``sendto`` the peer.
-- UDP readable: ``recvfrom_into`` at offset 0; validate in place
+- TUN readable: read ``vnet_hdr + IP`` into a preallocated slot at offset 12,
+  so the IP packet lands at offset 22; write VXLAN + Ethernet over the 10
+  vnet-header bytes and what precedes them; full-size packets to one peer fill
+  consecutive slots and leave in one UDP GSO ``sendmsg`` (else ``sendto``).
+- UDP readable: with UDP GRO, one ``recvmsg_into`` returns a batch of datagrams,
+  checked and merged per TCP flow into one GSO TUN write (userspace GRO);
+  without, ``recvfrom_into`` at offset 0; validate in place
   (:func:`wire.check_frame`); write the vnet header over the VXLAN/Ethernet
   bytes at 12..22 (:func:`offload.fill_rx_vnet_hdr`); write ``buf[12:]`` to
   the TUN.
+- Offload mode adds TUN TSO: one read is a ~64 KB super-packet, split into MSS
+  segments (full TCP checksums, or only the pseudo-header sum for a peer known
+  to be flannelette, :attr:`dataplane.fib.Peer.partial_csum`).
 
 Header room in front of the payload is what lets encapsulation and
 decapsulation happen without copying the packet.
