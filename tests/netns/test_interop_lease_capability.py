@@ -19,16 +19,16 @@ PREFIX = "/coreos.com/network"
 def test_agents_publish_csum_partial_next_to_flannels_fields(lab: Lab) -> None:
     lab.add_segment("A", "10.10.1.0/24")
     lab.add_segment("B", "10.10.2.0/24")
-    h1 = lab.add_host("h1", "A", "172.7.1.0/24")
-    h2 = lab.add_host("h2", "B", "172.7.2.0/24")
+    h1 = lab.add_host("h1", "A", "10.7.1.0/24")
+    h2 = lab.add_host("h2", "B", "10.7.2.0/24")
     assert h1.container_ns and h2.container_ip
     with Cluster(lab) as cluster:
         cluster.start_etcd()
-        cluster.set_config('{"Network":"172.7.0.0/16","Backend":{"Type":"vxlan"}}', api=3)
+        cluster.set_config('{"Network":"10.7.0.0/16","Backend":{"Type":"vxlan"}}', api=3)
         a1 = cluster.start_agent(h1)
         a2 = cluster.start_agent(h2)
-        cluster.wait_peers(a1, ["172.7.2.0/24"])
-        cluster.wait_peers(a2, ["172.7.1.0/24"])
+        cluster.wait_peers(a1, ["10.7.2.0/24"])
+        cluster.wait_peers(a2, ["10.7.1.0/24"])
         out = cluster.etcdctl("get", "--prefix", f"{PREFIX}/subnets/").stdout.splitlines()
         values = [line for line in out if line.startswith("{")]
         assert len(values) == 2
