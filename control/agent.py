@@ -196,8 +196,6 @@ class Agent:
         self._peers_changed = asyncio.Event()
         self._dataplane_up = False
         self._warnings: list[str] = []
-        self._reconnects = 0
-        self._was_connected = True
         self._restart: asyncio.Future[None] | None = None
         self._switch_lock = asyncio.Lock()  # live reconfiguration, one change at a time
         self._routes_replaced = asyncio.Event()  # a new RouteProgrammer (new subnet)
@@ -511,7 +509,7 @@ class Agent:
                 "lease_expires_at": self.keeper.expires_at if self.keeper else None,
                 "disconnected_for": (None if connected or watcher is None
                                      else watcher.backoff.failing_for(now)),
-                "reconnects": self._reconnects,
+                "reconnects": watcher.reconnects if watcher is not None else 0,
                 "endpoints": list(self.opts.etcd.endpoints),
             },
             "engine": engine,
@@ -549,15 +547,6 @@ class Agent:
             from control import metrics as m
             return 200, m.CONTENT_TYPE, m.render(self.status)
         return {"/healthz": healthz, "/readyz": readyz, "/status": status, "/metrics": metrics}
-
-    async def _track_etcd(self) -> None:
-        """Count reconnects (for /metrics) by sampling the watch's state."""
-        while True:
-            await asyncio.sleep(0.5)
-            now = self.watcher is not None and self.watcher.connected
-            if now and not self._was_connected:
-                self._reconnects += 1
-            self._was_connected = now
 
     # ---- run -------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> int:
@@ -628,7 +617,7 @@ class Agent:
                      server.port)
         tasks = [asyncio.ensure_future(c) for c in (
             self.watcher.run(), keeper.run(), self._apply_peers(), self._watch_routes(),
-            self._track_etcd(), self._follow_config(text))]
+            self._follow_config(text))]
         stopper = asyncio.ensure_future(stop.wait())
         try:
             done, _ = await asyncio.wait({stopper, *tasks}, return_when=asyncio.FIRST_COMPLETED)

@@ -53,6 +53,7 @@ class PeerWatcher:
         self.cursor = 0
         self.synced = False  # a snapshot has been taken at least once
         self.connected = False
+        self.reconnects = 0  # times etcd came back after the watch had lost it
         self.resyncs = 0
         self._warned: set[tuple[Subnet, str]] = set()
 
@@ -166,6 +167,7 @@ class PeerWatcher:
                         await self._registry.get_config()
                 if not self.connected:
                     if self.backoff.failing_since is not None:
+                        self.reconnects += 1
                         log.info("etcd reachable again after %.1f s",
                                  self.backoff.failing_for(self._clock()))
                     self.connected = True

@@ -120,6 +120,7 @@ async def test_etcd_away_keeps_last_peer_set() -> None:
     h = Harness()
     h.reg.set(N("10.5.2.0/24"), value("10.10.1.2"))
     await h.settle()
+    assert h.watcher.connected and h.watcher.reconnects == 0
     n = len(h.handed)
     h.reg.away = True
     await h.settle(50)
@@ -129,7 +130,7 @@ async def test_etcd_away_keeps_last_peer_set() -> None:
     h.reg.away = False
     h.reg.set(N("10.5.3.0/24"), value("10.10.1.3"))
     await h.settle()
-    assert h.watcher.connected
+    assert h.watcher.connected and h.watcher.reconnects == 1
     assert set(h.last) == {N("10.5.2.0/24"), N("10.5.3.0/24")}
 
 
