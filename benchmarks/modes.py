@@ -150,10 +150,14 @@ def vtep_mac(host: Host) -> str:
     return f"02:f1:00:00:00:{int(host.ip) & 0xFF:02x}"
 
 
-def setup_engine(pair: Pair, extra: list[str]) -> list[subprocess.Popen[Any]]:
+def setup_engine(pair: Pair, extra: list[str], flannelette_peer: bool = False
+                 ) -> list[subprocess.Popen[Any]]:
     """`flannelette engine` on both hosts with each other as static peer.
 
-    The standalone engine installs its own routes (peer subnet into the TUN).
+    The standalone engine installs its own routes (peer subnet into the TUN). With
+    ``flannelette_peer`` each side knows the other is a flannelette node (as the
+    lease's ``Flannelette.CsumPartial`` tells agents), so inner TCP checksums stay
+    partial on the wire.
     """
     _module("dataplane.standalone", "the standalone engine runner")
     mtu = pair.lab.mtu - VXLAN_OVERHEAD
@@ -161,8 +165,9 @@ def setup_engine(pair: Pair, extra: list[str]) -> list[subprocess.Popen[Any]]:
     for me, peer in ((pair.client, pair.server), (pair.server, pair.client)):
         argv = [sys.executable, "-m", "control.cli", "engine", "--subnet", str(me.subnet),
                 "--public-ip", str(me.ip), "--vtep-mac", vtep_mac(me), "--vni", str(VNI),
-                "--mtu", str(mtu), "--peer", f"{peer.subnet},{peer.ip},{vtep_mac(peer)}",
-                *extra]
+                "--mtu", str(mtu), "--peer",
+                f"{peer.subnet},{peer.ip},{vtep_mac(peer)}"
+                + (",flannelette" if flannelette_peer else ""), *extra]
         procs.append(pair.popen_logged(me, *argv))
     return procs
 
@@ -228,6 +233,12 @@ def all_modes() -> list[Mode]:
     for name, extra in variants:
         modes.append(Mode(name, f"flannelette userspace VXLAN engine ({' '.join(extra)})",
                           functools.partial(setup_engine, extra=extra), True))
+    if "on" in offloads:  # offload between two flannelette peers: partial inner checksums
+        extra = ["--offload", "on"]
+        modes.append(Mode("fl-offload-partial", "flannelette engine, offloads on, peers "
+                          "known as flannelette (inner TCP checksums left partial)",
+                          functools.partial(setup_engine, extra=extra, flannelette_peer=True),
+                          True))
     modes.append(Mode("fl-directrouting", "flannelette agents, vxlan backend with "
                       "DirectRouting on a same-segment pair", setup_direct_routing, True))
     return modes
