@@ -68,6 +68,7 @@ class AgentOptions:
     log_level: str = "info"
     log_format: str = "text"
     watch_timeout: float = 10.0
+    engine_offload: bool = False
 
 
 class _Parser(argparse.ArgumentParser):
@@ -120,6 +121,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="same as --log-level debug")
     p.add_argument("--log-format", default=d("log-format", "text"), choices=("text", "json"),
                    help="text lines or JSON lines (one object per line)")
+    p.add_argument("--engine-offload", default=d("engine-offload", "off"), choices=("on", "off"),
+                   help="TUN TSO + UDP GSO/GRO with 64 KB super-packets in the userspace "
+                        "engine (fastest between flannelette nodes; see docs/benchmarks.md)")
     p.add_argument("--watch-timeout", type=float, default=float(d("watch-timeout", "10")),
                    help=argparse.SUPPRESS)
     p.add_argument("--etcd-timeout", type=float, default=float(d("etcd-timeout", "5")),
@@ -157,12 +161,20 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> AgentOptions:
         raise FlagError(f"--subnet-lease-renew-margin must be above 0 and below the lease "
                         f"TTL ({ns.subnet_lease_ttl / 60:g} min), got "
                         f"{ns.subnet_lease_renew_margin:g} min")
+    # argparse checks choices on the command line only, not FLANNELD_* defaults.
+    for flag, value, allowed in (("etcd-api", ns.etcd_api, ("auto", "v2", "v3")),
+                                 ("log-level", ns.log_level,
+                                  ("debug", "info", "warning", "error")),
+                                 ("log-format", ns.log_format, ("text", "json")),
+                                 ("engine-offload", ns.engine_offload, ("on", "off"))):
+        if value not in allowed:
+            raise FlagError(f"--{flag} must be one of {', '.join(allowed)}, got {value!r}")
     return AgentOptions(
         etcd=etcd, etcd_api=ns.etcd_api, iface=tuple(iface), public_ip=public_ip,
         subnet_file=ns.subnet_file, renew_margin=margin, lease_ttl=ns.subnet_lease_ttl,
         ip_masq=ns.ip_masq, healthz_ip=ns.healthz_ip, healthz_port=ns.healthz_port,
         log_level="debug" if ns.verbose else ns.log_level, log_format=ns.log_format,
-        watch_timeout=ns.watch_timeout)
+        watch_timeout=ns.watch_timeout, engine_offload=ns.engine_offload == "on")
 
 
 # ---- the agent --------------------------------------------------------------------------------
@@ -230,16 +242,8 @@ class Agent:
         backend = self.config.backend
         device = None
         if backend.type == "vxlan":
-            from dataplane.engine import Engine, EngineConfig
-            assert self.vtep_mac is not None
-            engine = Engine(EngineConfig(subnet=lease.subnet, public_ip=self.public_ip,
-                                         vtep_mac=self.vtep_mac, vni=backend.vni, mtu=self.mtu,
-                                         port=backend.port))
-            await engine.start()
-            self.engine = engine
-            device = engine.tun_name
-            log.info("VXLAN engine up: %s %s/32 mtu %d, UDP %s:%d", device,
-                     lease.subnet.network_address, self.mtu, self.public_ip, backend.port)
+            self.engine = await self._make_engine(lease, self.config, self.mtu)
+            device = self.engine.tun_name
         self._routes_replaced.set()
         self.routes = RouteProgrammer(device=device, network=self.config.network,
                                       own_subnet=lease.subnet)
@@ -457,10 +461,12 @@ class Agent:
         assert self.public_ip is not None and self.vtep_mac is not None
         b = config.backend
         engine = Engine(EngineConfig(subnet=lease.subnet, public_ip=self.public_ip,
-                                     vtep_mac=self.vtep_mac, vni=b.vni, mtu=mtu, port=b.port))
+                                     vtep_mac=self.vtep_mac, vni=b.vni, mtu=mtu, port=b.port,
+                                     offload=self.opts.engine_offload))
         await engine.start()
-        log.info("VXLAN engine up: %s %s/32 mtu %d, UDP %s:%d", engine.tun_name,
-                 lease.subnet.network_address, mtu, self.public_ip, b.port)
+        log.info("VXLAN engine up: %s %s/32 mtu %d, UDP %s:%d, offload %s", engine.tun_name,
+                 lease.subnet.network_address, mtu, self.public_ip, b.port,
+                 "on" if self.opts.engine_offload else "off")
         return engine
 
     # ---- documents -------------------------------------------------------------------------

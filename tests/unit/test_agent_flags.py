@@ -29,6 +29,9 @@ def test_defaults_are_flanneld_defaults() -> None:
     assert o.renew_margin == 3600.0 and o.lease_ttl == 86400
     assert (o.healthz_ip, o.healthz_port, o.ip_masq) == ("127.0.0.1", 9480, False)
     assert o.iface == () and o.public_ip is None and o.log_level == "info"
+    assert o.engine_offload is False
+    assert parse_args(["--engine-offload", "on"], {}).engine_offload is True
+    assert parse_args([], {"FLANNELD_ENGINE_OFFLOAD": "on"}).engine_offload is True
 
 
 def test_flags() -> None:
@@ -72,6 +75,9 @@ def test_every_flag_from_the_environment() -> None:
     (["--subnet-lease-renew-margin", "2000"], {}, "--subnet-lease-renew-margin must be"),
     ([], {"FLANNELD_HEALTHZ_PORT": "abc"}, "bad FLANNELD_* value"),
     (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
+    ([], {"FLANNELD_ETCD_API": "v5"}, "--etcd-api must be one of auto, v2, v3, got 'v5'"),
+    ([], {"FLANNELD_ENGINE_OFFLOAD": "yes"}, "--engine-offload must be one of on, off"),
+    ([], {"FLANNELD_LOG_FORMAT": "xml"}, "--log-format must be one of text, json"),
 ])
 def test_bad_flags_are_one_clear_error(argv: list[str], env: dict[str, str],
                                        message: str) -> None:
