@@ -63,7 +63,7 @@ class NetworkConfig:
                 and self.subnet_min <= subnet.network_address <= self.subnet_max)
 
 
-def _fold(obj: Mapping[str, Any]) -> dict[str, Any]:
+def fold_keys(obj: Mapping[str, Any]) -> dict[str, Any]:
     """Lower-case the keys; a later duplicate wins, as in Go's decoder."""
     return {k.lower(): v for k, v in obj.items()}
 
@@ -123,7 +123,7 @@ def _backend(raw: Any) -> Backend:
     if not isinstance(raw, dict):
         raise ConfigError(f"error decoding Backend property of config: expected an object, "
                           f"got {raw!r}")
-    fields = _fold(raw)
+    fields = fold_keys(raw)
     btype = fields.get("type", "")
     if not isinstance(btype, str):
         raise ConfigError(f"Backend.Type must be a string, got {btype!r}")
@@ -164,7 +164,7 @@ def parse_config(text: str | bytes) -> NetworkConfig:
         raise ConfigError(f"the network config is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"the network config must be a JSON object, got {doc!r}")
-    fields = _fold(doc)
+    fields = fold_keys(doc)
     enable_ipv4 = _bool(fields, "enableipv4", "EnableIPv4", True)
     enable_ipv6 = _bool(fields, "enableipv6", "EnableIPv6", False)
     if enable_ipv6:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from control.config import NetworkConfig
+from control.config import NetworkConfig, fold_keys
 from control.errors import AllocationError, LeaseValueError
 
 LEASE_TTL = 24 * 3600  # seconds, flannel's subnetTTL
@@ -113,15 +113,11 @@ def encode_attrs(attrs: LeaseAttrs) -> str:
     return json.dumps(doc, separators=(",", ":"))
 
 
-def _fold(obj: Mapping[str, Any]) -> dict[str, Any]:
-    return {k.lower(): v for k, v in obj.items()}
-
-
 def _csum_partial(bdata: Mapping[str, Any]) -> bool:
     """True only for ``"Flannelette":{"CsumPartial":true}``; anything else is a peer
     that may be a kernel (flannel never writes the field), never an error."""
     ext = bdata.get(FLANNELETTE_FIELD.lower())
-    return isinstance(ext, dict) and _fold(ext).get("csumpartial") is True
+    return isinstance(ext, dict) and fold_keys(ext).get("csumpartial") is True
 
 
 def decode_attrs(value: str | bytes) -> LeaseAttrs:
@@ -132,7 +128,7 @@ def decode_attrs(value: str | bytes) -> LeaseAttrs:
         raise LeaseValueError(f"lease value is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise LeaseValueError(f"lease value is not a JSON object: {value!r}")
-    fields = _fold(doc)
+    fields = fold_keys(doc)
     try:
         public_ip = ipaddress.IPv4Address(fields.get("publicip"))
     except (ipaddress.AddressValueError, ValueError):
@@ -149,7 +145,7 @@ def decode_attrs(value: str | bytes) -> LeaseAttrs:
         data = fields.get("backenddata")
         if not isinstance(data, dict):
             raise LeaseValueError(f"vxlan lease has no BackendData object: {data!r}")
-        bdata = _fold(data)
+        bdata = fold_keys(data)
         raw_vni = bdata.get("vni", 1)
         if isinstance(raw_vni, bool) or not isinstance(raw_vni, int):
             raise LeaseValueError(f"lease VNI is not an integer: {raw_vni!r}")
