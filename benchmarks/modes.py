@@ -129,7 +129,8 @@ def setup_kernel_vxlan(pair: Pair) -> list[subprocess.Popen[Any]]:
 
 # ---- flannelette's userspace engine ---------------------------------------------------
 def engine_options() -> dict[str, list[str]]:
-    """The option axes the standalone engine offers (from its --help): loop, offload."""
+    """The option axes the standalone engine offers (from its --help): loop, offload,
+    batch, and UDP GSO/GRO without TUN offloads."""
     if importlib.util.find_spec("dataplane.standalone") is None:
         return {}
     res = subprocess.run([sys.executable, "-m", "control.cli", "engine", "--help"],
@@ -142,6 +143,8 @@ def engine_options() -> dict[str, list[str]]:
         axes["offload"] = ["off", "on"]  # the default first
     if re.search(r"--batch\b", text):
         axes["batch"] = ["1"]  # one packet per wake-up, against the default drain
+    if re.search(r"--tx-gso\b", text) and re.search(r"--rx-gro\b", text):
+        axes["gso"] = ["off"]  # one datagram per system call, against the default GSO/GRO
     return axes
 
 
@@ -230,6 +233,9 @@ def all_modes() -> list[Mode]:
     for batch in axes.get("batch", []):  # on top of the first (default) variant
         name, extra = variants[0]
         variants.append((f"{name}-batch{batch}", [*extra, "--batch", batch]))
+    for gso in axes.get("gso", []):
+        name, extra = variants[0]
+        variants.append((f"{name}-nogso", [*extra, "--tx-gso", gso, "--rx-gro", gso]))
     for name, extra in variants:
         modes.append(Mode(name, f"flannelette userspace VXLAN engine ({' '.join(extra)})",
                           functools.partial(setup_engine, extra=extra), True))
