@@ -140,8 +140,8 @@ class EtcdV3Registry:
             self._client = client
         return self._client
 
-    async def _drop(self) -> None:
-        """Forget the client and the stream (after an error); the next call reconnects."""
+    async def _release(self) -> None:
+        """Close both watch streams and the client."""
         stream, self._stream = self._stream, None
         if stream is not None:
             await stream.close()
@@ -150,6 +150,11 @@ class EtcdV3Registry:
         if client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), 2.0)
+
+    async def _drop(self) -> None:
+        """Forget the client and the streams (after an error); the next call reconnects,
+        to the next endpoint."""
+        await self._release()
         self._current = (self._current + 1) % len(self._hosts)
 
     def _unavailable(self, exc: BaseException) -> RegistryUnavailable:
@@ -329,11 +334,4 @@ class EtcdV3Registry:
             return ConfigEvent(True, bytes(item.kv.value).decode("utf-8", "replace"), rev)
 
     async def close(self) -> None:
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            await stream.close()
-        await self._close_config_stream()
-        client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.close(), 2.0)
+        await self._release()
