@@ -12,7 +12,7 @@ beyond what a system call returns:
   checked and merged per TCP flow into one GSO TUN write (userspace GRO);
   without, ``recvfrom_into`` at offset 0; validate in place
   (:func:`wire.check_frame`); write the vnet header over the VXLAN/Ethernet
-  bytes at 12..22 (:func:`offload.fill_rx_vnet_hdr`); write ``buf[12:]`` to
+  bytes at 12..22 (:func:`vnet.fill_rx_vnet_hdr`); write ``buf[12:]`` to
   the TUN.
 - Offload mode adds TUN TSO: one read is a ~64 KB super-packet, split into MSS
   segments (full TCP checksums, or only the pseudo-header sum for a peer known
@@ -37,15 +37,15 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from dataplane import offload, tun, udp, wire
+from dataplane import csum, gro, tso, tun, udp, vnet, wire
 from dataplane.errors import ConfigError, DeviceError
 from dataplane.fib import Fib, Peer
 from dataplane.stats import EngineStats, PeerCounters
 from dataplane.wire import DropReason, Frame
 
-_HEAD = wire.ENCAP_HLEN - offload.VNET_HDR_LEN  # 12: where a TUN read starts in the buffer
+_HEAD = wire.ENCAP_HLEN - vnet.VNET_HDR_LEN  # 12: where a TUN read starts in the buffer
 _BUF = 65536 + 64
-_ZERO_VNET = bytes(offload.VNET_HDR_LEN)
+_ZERO_VNET = bytes(vnet.VNET_HDR_LEN)
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ class Engine:
         # Offload mode: TSO segments are built here; GRO merges into the coalescer.
         self._segbuf = bytearray(2 * _BUF) if config.offload else bytearray()
         self._segview = memoryview(self._segbuf)
-        self._gro = offload.Coalescer() if config.offload or config.rx_gro else None
+        self._gro = gro.Coalescer() if config.offload or config.rx_gro else None
         self._udp_gso = True  # cleared when the kernel refuses UDP_SEGMENT
 
     # ---- public API -------------------------------------------------------------------
@@ -247,7 +247,7 @@ class Engine:
         readv, check, from_bytes = os.readv, wire.check_tun_packet, int.from_bytes
         drops, mtu, stride = self._drops, self.config.mtu, self._stride
         nslots = len(slots)
-        full = mtu + offload.VNET_HDR_LEN
+        full = mtu + vnet.VNET_HDR_LEN
         count = 0
         batch = self.config.batch
         start = nxt = 0  # the pending run is slots start..nxt-1
@@ -267,7 +267,7 @@ class Engine:
                 break
             count += 1
             base = nxt * stride
-            plen = n - offload.VNET_HDR_LEN
+            plen = n - vnet.VNET_HDR_LEN
             bad = check(buf, base + wire.OFF_IP, plen, mtu)
             if bad is not None:
                 drops[bad] += 1
@@ -336,7 +336,7 @@ class Engine:
         buf, view, fd = self._rxbuf, self._rxview, self._tun_fd
         rx = self._table.rx
         recv, write, check, fill = (sock.recvfrom_into, os.write, wire.check_frame,
-                                    offload.fill_rx_vnet_hdr)
+                                    vnet.fill_rx_vnet_hdr)
         vx, own, mtu, drops, nn = self._vxlan, self._own_mac, self.config.mtu, self._drops, self._n
         dontwait = socket.MSG_DONTWAIT
         count = 0
@@ -398,7 +398,7 @@ class Engine:
         table = self._table
         tx, mask = table.tx, table.mask
         drops, eth_tail = self._drops, self._eth_tail
-        unpack = offload.VNET_HDR.unpack_from
+        unpack = vnet.VNET_HDR.unpack_from
         count = 0
         batch = self.config.batch
         while count < batch:
@@ -410,7 +410,7 @@ class Engine:
                 drops[DropReason.TRUNCATED] += 1
                 break
             count += 1
-            plen = n - offload.VNET_HDR_LEN
+            plen = n - vnet.VNET_HDR_LEN
             bad = wire.check_tun_packet(buf, wire.OFF_IP, plen, 65535)
             if bad is not None:
                 drops[bad] += 1
@@ -421,9 +421,9 @@ class Engine:
                 continue
             flags, gso_type, _, gso_size, csum_start, csum_off = unpack(buf, _HEAD)
             c = route[2]
-            if gso_type == offload.GSO_NONE:
-                if flags & offload.F_NEEDS_CSUM and not route[4]:
-                    offload.complete_checksum(buf, wire.OFF_IP, plen, csum_start, csum_off)
+            if gso_type == vnet.GSO_NONE:
+                if flags & vnet.F_NEEDS_CSUM and not route[4]:
+                    csum.complete_checksum(buf, wire.OFF_IP, plen, csum_start, csum_off)
                 buf[8:14] = route[0]
                 buf[14:22] = eth_tail
                 try:
@@ -433,8 +433,8 @@ class Engine:
                     continue
                 c[0] += 1
                 c[1] += plen
-            elif gso_type & ~offload.GSO_ECN == offload.GSO_TCPV4 and gso_size > 0:
-                used, segs, seglen = offload.tso_split(buf, wire.OFF_IP, plen, gso_size,
+            elif gso_type & ~vnet.GSO_ECN == vnet.GSO_TCPV4 and gso_size > 0:
+                used, segs, seglen = tso.tso_split(buf, wire.OFF_IP, plen, gso_size,
                                                        self._segbuf, route[3], route[4])
                 self._send_segments(sock, used, seglen, route[1])
                 if route[4]:
@@ -487,7 +487,7 @@ class Engine:
         buf, view, fd = self._rxbuf, self._rxview, self._tun_fd
         rx = self._table.rx
         recvmsg, write, check, fill = (sock.recvmsg_into, os.write, wire.check_frame,
-                                       offload.fill_rx_vnet_hdr)
+                                       vnet.fill_rx_vnet_hdr)
         vx, own, mtu, drops, nn = self._vxlan, self._own_mac, self.config.mtu, self._drops, self._n
         bufs = [view]
         dontwait = socket.MSG_DONTWAIT
@@ -566,7 +566,7 @@ class Engine:
         except OSError:
             self._drops[DropReason.TUN_WRITE_FAILED] += 1
             return
-        if packet[1] != offload.GSO_NONE:
+        if packet[1] != vnet.GSO_NONE:
             self._n[9] += 1
-        elif packet[0] & offload.F_NEEDS_CSUM:
+        elif packet[0] & vnet.F_NEEDS_CSUM:
             self._n[8] += 1

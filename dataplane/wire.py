@@ -23,6 +23,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from dataplane.csum import internet_checksum, ipv4_header_checksum_ok
 from dataplane.errors import ConfigError
 
 VXLAN_PORT = 8472  # flannel's (and the Linux kernel's) default; IANA's is 4789
@@ -117,28 +118,6 @@ def mac_from_str(text: str) -> bytes:
         raise ConfigError(f"not a MAC address: {text!r}") from None
 
 
-# ---- checksums (the int.from_bytes trick: 2**16 == 1 modulo 0xffff) -----------------------
-
-def ones_sum(data: bytes | bytearray | memoryview) -> int:
-    """The folded 16-bit one's complement sum of ``data`` (odd length padded with zero)."""
-    n = int.from_bytes(data, "big")
-    if len(data) & 1:
-        n <<= 8
-    s = n % 0xFFFF
-    return s if s or n == 0 else 0xFFFF
-
-
-def internet_checksum(data: bytes | bytearray | memoryview) -> int:
-    """RFC 1071 checksum of ``data``: the complement of its one's complement sum."""
-    return ~ones_sum(data) & 0xFFFF
-
-
-def ipv4_header_checksum_ok(buf: bytes | bytearray | memoryview, off: int, ihl: int) -> bool:
-    """True when the IPv4 header at ``off`` (``ihl`` bytes) sums to 0xffff."""
-    n = int.from_bytes(buf[off:off + ihl], "big")
-    return n != 0 and n % 0xFFFF == 0
-
-
 # ---- VXLAN and Ethernet -----------------------------------------------------------------
 
 def vxlan_header(vni: int) -> bytes:
@@ -206,7 +185,7 @@ def check_ipv4(buf: bytes | bytearray | memoryview, off: int, avail: int,
     """Check the IPv4 packet at ``off`` with ``avail`` bytes behind it (padding allowed).
 
     A packet above ``mtu`` passes only if it is an unfragmented TCP packet: the
-    kernel's segmentation offload legitimately sends those (see offload.py).
+    kernel's segmentation offload legitimately sends those (see vnet.py).
     """
     if avail < 20:
         return DropReason.TRUNCATED

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, IPOption_EOL, IPOption_NOP
 
-from dataplane import offload
+from dataplane import csum, gro, tso, vnet
 
 PREFIX = bytes(range(22))
 
@@ -24,7 +24,7 @@ def super_packet(payload: bytes, flags: str, options: bool = False) -> bytes:
 
 def split(pkt: bytes, mss: int, partial: bool) -> list[bytearray]:
     out = bytearray(2 * len(pkt) + 4096)
-    used, segs, seglen = offload.tso_split(bytearray(pkt), 0, len(pkt), mss, out, PREFIX,
+    used, segs, seglen = tso.tso_split(bytearray(pkt), 0, len(pkt), mss, out, PREFIX,
                                            partial)
     frames = [out[i:min(i + seglen, used)] for i in range(0, used, seglen)]
     assert len(frames) == segs and all(f[:22] == PREFIX for f in frames)
@@ -42,17 +42,17 @@ def test_partial_split_differs_from_full_only_in_the_tcp_checksum(
     full, part = split(pkt, mss, False), split(pkt, mss, True)
     assert len(full) == len(part) == -(-size // mss)
     for f, p in zip(full, part, strict=True):
-        pos = ihl + offload.TCP_CSUM_OFFSET
+        pos = ihl + csum.TCP_CSUM_OFFSET
         assert p[:pos] == f[:pos] and p[pos + 2:] == f[pos + 2:]
         # The field is the pseudo-header sum, exactly what the receiver rule looks for.
         field = struct.unpack_from("!H", p, pos)[0]
-        assert field == offload.pseudo_header_sum(p, 0, 6, len(p) - ihl)
+        assert field == csum.pseudo_header_sum(p, 0, 6, len(p) - ihl)
         rx = bytearray(22) + p
-        assert offload.fill_rx_vnet_hdr(rx, 12, 22, len(p), 9000) == offload.RX_CSUM_PARTIAL
-        hdr = offload.VnetHdr.parse(rx[12:22])
-        assert hdr.flags == offload.F_NEEDS_CSUM and hdr.csum_start == ihl
+        assert vnet.fill_rx_vnet_hdr(rx, 12, 22, len(p), 9000) == vnet.RX_CSUM_PARTIAL
+        hdr = vnet.VnetHdr.parse(rx[12:22])
+        assert hdr.flags == vnet.F_NEEDS_CSUM and hdr.csum_start == ihl
         # Completing it as the receiving kernel would gives the full segment.
-        offload.complete_checksum(rx, 22, len(p), hdr.csum_start, hdr.csum_offset)
+        csum.complete_checksum(rx, 22, len(p), hdr.csum_start, hdr.csum_offset)
         assert rx[22:] == f
 
 
@@ -61,7 +61,7 @@ def test_partial_segments_are_valid_tcp_once_completed() -> None:
     segs = split(super_packet(payload, "FPA"), 1398, True)
     got = b""
     for i, raw in enumerate(segs):
-        offload.complete_checksum(raw, 0, len(raw), 20, offload.TCP_CSUM_OFFSET)
+        csum.complete_checksum(raw, 0, len(raw), 20, csum.TCP_CSUM_OFFSET)
         fresh = IP(bytes(raw))
         del fresh.chksum
         del fresh[TCP].chksum
@@ -78,14 +78,14 @@ def test_partial_segments_are_valid_tcp_once_completed() -> None:
 def test_gro_of_partial_segments_restores_the_super_packet() -> None:
     payload = bytes((i * 3) & 0xFF for i in range(20000))
     pkt = super_packet(payload, "PA")
-    c = offload.Coalescer()
+    c = gro.Coalescer()
     segs = split(pkt, 1398, True)
     c.start(segs[0], 0, len(segs[0]))
     assert all(c.append(s, 0, len(s)) for s in segs[1:])
     view = c.finish(1500)
-    hdr = offload.VnetHdr.parse(view[:10])
-    assert (hdr.flags, hdr.gso_type, hdr.gso_size) == (offload.F_NEEDS_CSUM,
-                                                       offload.GSO_TCPV4, 1398)
+    hdr = vnet.VnetHdr.parse(view[:10])
+    assert (hdr.flags, hdr.gso_type, hdr.gso_size) == (vnet.F_NEEDS_CSUM,
+                                                       vnet.GSO_TCPV4, 1398)
     merged = bytes(view[10:])
     assert bytes(IP(merged)[TCP].payload) == payload and len(merged) == len(pkt)
 
@@ -107,7 +107,7 @@ def test_extend_takes_a_whole_batch_like_append_would() -> None:
     payload = bytes((i * 5) & 0xFF for i in range(1398 * 30 + 700))
     segs = split(super_packet(payload, "PA"), 1398, True)
     view, n, step = gro_batch(segs)
-    c = offload.Coalescer()
+    c = gro.Coalescer()
     c.start(view[:step], 22, len(segs[0]))
     off, taken, nbytes = c.extend(view, step, n, step, VXPRE)
     # Full-size ACK segments are taken; the short PSH one is left for the generic path.
@@ -117,7 +117,7 @@ def test_extend_takes_a_whole_batch_like_append_would() -> None:
     merged = bytes(c.finish(1500)[10:])
     assert bytes(IP(merged)[TCP].payload) == payload and "P" in str(IP(merged)[TCP].flags)
     # Same result as appending one by one.
-    d = offload.Coalescer()
+    d = gro.Coalescer()
     d.start(segs[0], 0, len(segs[0]))
     assert all(d.append(s, 0, len(s)) for s in segs[1:])
     assert bytes(d.finish(1500)[10:]) == merged
@@ -155,7 +155,7 @@ def test_extend_stops_at_a_segment_that_differs(what: str) -> None:
         seg = bytearray(buf[bad + 22:bad + step])
         _corrupt(seg, what)
         buf[bad + 22:bad + step] = seg
-    c = offload.Coalescer()
+    c = gro.Coalescer()
     c.start(view[:step], 22, len(segs[0]))
     off, taken, _ = c.extend(view, step, n, step, VXPRE)
     assert (off, taken) == (bad, 2)
@@ -165,7 +165,7 @@ def test_extend_stops_at_a_segment_that_differs(what: str) -> None:
 def test_extend_needs_a_full_size_open_packet() -> None:
     segs = split(super_packet(bytes(1000 * 4), "A"), 1000, False)
     view, n, step = gro_batch(segs)
-    c = offload.Coalescer()
+    c = gro.Coalescer()
     assert c.extend(view, 0, n, step, VXPRE) == (0, 0, 0)  # nothing held
     c.start(view[:step], 22, len(segs[0]))
     assert c.extend(view, step, n, step + 1, VXPRE) == (step, 0, 0)  # other datagram size

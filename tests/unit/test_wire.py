@@ -13,7 +13,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import ARP, Ether
 from scapy.layers.vxlan import VXLAN
 
-from dataplane import wire
+from dataplane import csum, wire
 from dataplane.errors import ConfigError
 from dataplane.wire import DropReason, Frame
 
@@ -116,7 +116,7 @@ def test_checksums_match_scapy() -> None:
     from scapy.utils import checksum
 
     for data in (b"", b"\x01", b"\xff\xff", bytes(range(255)), b"\x00" * 7):
-        assert wire.internet_checksum(data) == (checksum(data) if data else 0xFFFF)
+        assert csum.internet_checksum(data) == (checksum(data) if data else 0xFFFF)
 
 
 # ---- MACs -------------------------------------------------------------------------------
@@ -170,9 +170,9 @@ def test_valid_frames_pass_and_decapsulate(payload: bytes, ttl: int) -> None:
 
 @given(st.binary(min_size=0, max_size=64))
 def test_checksum_verifies(data: bytes) -> None:
-    c = wire.internet_checksum(data)
+    c = csum.internet_checksum(data)
     padded = data + (b"\0" if len(data) & 1 else b"")
-    assert wire.ones_sum(padded + struct.pack("!H", c)) == 0xFFFF
+    assert csum.ones_sum(padded + struct.pack("!H", c)) == 0xFFFF
 
 
 @given(st.binary(min_size=40, max_size=60))

@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP, in4_pseudoheader
 from scapy.utils import checksum
 
-from dataplane import offload
-from dataplane.offload import VnetHdr
+from dataplane import csum, gro, tso, vnet
+from dataplane.vnet import VnetHdr
 
 MTU = 1450
 HDR_OFF = 12
@@ -34,7 +34,7 @@ def place(packet: bytes) -> bytearray:
 
 
 def hdr(buf: bytearray) -> VnetHdr:
-    return VnetHdr.parse(buf[HDR_OFF:HDR_OFF + offload.VNET_HDR_LEN])
+    return VnetHdr.parse(buf[HDR_OFF:HDR_OFF + vnet.VNET_HDR_LEN])
 
 
 def test_vnet_hdr_golden_native_order() -> None:
@@ -53,7 +53,7 @@ def test_vnet_hdr_round_trip(a: int, b: int, c: int, d: int, e: int, f: int) -> 
 def test_full_checksum_is_written_plain() -> None:
     pkt = bytes(IP(src="10.244.2.2", dst="10.244.1.2") / TCP(flags="A") / (b"d" * 100))
     buf = place(pkt)
-    assert offload.fill_rx_vnet_hdr(buf, HDR_OFF, IP_OFF, len(pkt), MTU) == offload.RX_PLAIN
+    assert vnet.fill_rx_vnet_hdr(buf, HDR_OFF, IP_OFF, len(pkt), MTU) == vnet.RX_PLAIN
     assert hdr(buf) == VnetHdr()
     assert bytes(buf[IP_OFF:]) == pkt
 
@@ -61,24 +61,24 @@ def test_full_checksum_is_written_plain() -> None:
 def test_partial_tcp_checksum_gets_needs_csum() -> None:
     pkt = partial(IP(src="10.244.2.2", dst="10.244.1.2") / TCP(flags="PA") / (b"d" * 1000))
     buf = place(pkt)
-    kind = offload.fill_rx_vnet_hdr(buf, HDR_OFF, IP_OFF, len(pkt), MTU)
-    assert kind == offload.RX_CSUM_PARTIAL
-    assert hdr(buf) == VnetHdr(offload.F_NEEDS_CSUM, 0, 0, 0, 20, 16)
+    kind = vnet.fill_rx_vnet_hdr(buf, HDR_OFF, IP_OFF, len(pkt), MTU)
+    assert kind == vnet.RX_CSUM_PARTIAL
+    assert hdr(buf) == VnetHdr(vnet.F_NEEDS_CSUM, 0, 0, 0, 20, 16)
     assert bytes(buf[IP_OFF:]) == pkt  # the packet itself untouched
 
 
 def test_partial_udp_checksum_gets_needs_csum() -> None:
     pkt = partial(IP(src="10.244.2.2", dst="10.244.1.2") / UDP(sport=5, dport=6) / (b"q" * 3))
     buf = place(pkt)
-    assert offload.fill_rx_vnet_hdr(buf, HDR_OFF, IP_OFF, len(pkt), MTU) == 1
-    assert hdr(buf) == VnetHdr(offload.F_NEEDS_CSUM, 0, 0, 0, 20, 6)
+    assert vnet.fill_rx_vnet_hdr(buf, HDR_OFF, IP_OFF, len(pkt), MTU) == 1
+    assert hdr(buf) == VnetHdr(vnet.F_NEEDS_CSUM, 0, 0, 0, 20, 6)
 
 
 def test_icmp_and_fragments_are_plain() -> None:
     for pkt in (bytes(IP(proto=1) / b"12345678"),
                 bytes(IP(flags="MF", proto=6) / (b"x" * 40))):
         buf = place(pkt)
-        assert offload.fill_rx_vnet_hdr(buf, HDR_OFF, IP_OFF, len(pkt), MTU) == 0
+        assert vnet.fill_rx_vnet_hdr(buf, HDR_OFF, IP_OFF, len(pkt), MTU) == 0
         assert hdr(buf) == VnetHdr()
 
 
@@ -87,16 +87,16 @@ def test_unsegmented_tcp_gets_gso_tcpv4() -> None:
     pkt = partial(IP(src="10.244.2.2", dst="10.244.1.2") / TCP(flags="A", options=opts)
                   / (b"s" * 60000))
     buf = place(pkt)
-    assert offload.fill_rx_vnet_hdr(buf, HDR_OFF, IP_OFF, len(pkt), MTU) == offload.RX_GSO
-    assert hdr(buf) == VnetHdr(offload.F_NEEDS_CSUM, offload.GSO_TCPV4, 52, MTU - 52, 20, 16)
+    assert vnet.fill_rx_vnet_hdr(buf, HDR_OFF, IP_OFF, len(pkt), MTU) == vnet.RX_GSO
+    assert hdr(buf) == VnetHdr(vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4, 52, MTU - 52, 20, 16)
 
 
 def test_gso_with_cwr_sets_ecn_and_resets_full_checksum_to_pseudo() -> None:
     full = bytes(IP(src="10.244.2.2", dst="10.244.1.2") / TCP(flags="AC") / (b"s" * 5000))
     buf = place(full)
-    assert offload.fill_rx_vnet_hdr(buf, HDR_OFF, IP_OFF, len(full), MTU) == offload.RX_GSO
+    assert vnet.fill_rx_vnet_hdr(buf, HDR_OFF, IP_OFF, len(full), MTU) == vnet.RX_GSO
     h = hdr(buf)
-    assert h.gso_type == offload.GSO_TCPV4 | offload.GSO_ECN and h.gso_size == MTU - 40
+    assert h.gso_type == vnet.GSO_TCPV4 | vnet.GSO_ECN and h.gso_size == MTU - 40
     pseudo = ~checksum(in4_pseudoheader(6, IP(full), len(full) - 20)) & 0xFFFF
     assert struct.unpack_from("!H", buf, IP_OFF + 20 + 16)[0] == pseudo
 
@@ -107,7 +107,7 @@ def test_l4_checksum_matches_scapy(payload: bytes, kind: str) -> None:
     l4 = TCP(sport=1, dport=2) if kind == "tcp" else UDP(sport=1, dport=2)
     pkt = bytes(IP(src="10.1.2.3", dst="10.3.2.1") / l4 / payload)
     pos = 20 + (16 if kind == "tcp" else 6)
-    assert offload.l4_checksum(pkt, 0, len(pkt)) == struct.unpack_from("!H", pkt, pos)[0]
+    assert csum.l4_checksum(pkt, 0, len(pkt)) == struct.unpack_from("!H", pkt, pos)[0]
 
 
 @settings(deadline=None)  # scapy builds each example: slow on a loaded machine
@@ -115,10 +115,10 @@ def test_l4_checksum_matches_scapy(payload: bytes, kind: str) -> None:
 def test_partial_rule_never_flags_a_full_checksum_unless_equal(payload: bytes) -> None:
     pkt = bytes(IP(src="10.1.2.3", dst="10.3.2.1") / TCP() / payload)
     buf = place(pkt)
-    kind = offload.fill_rx_vnet_hdr(buf, HDR_OFF, IP_OFF, len(pkt), MTU)
-    pseudo = offload.pseudo_header_sum(pkt, 0, 6, len(pkt) - 20)
+    kind = vnet.fill_rx_vnet_hdr(buf, HDR_OFF, IP_OFF, len(pkt), MTU)
+    pseudo = csum.pseudo_header_sum(pkt, 0, 6, len(pkt) - 20)
     field = struct.unpack_from("!H", pkt, 36)[0]
-    assert (kind == offload.RX_CSUM_PARTIAL) == (field == pseudo)
+    assert (kind == vnet.RX_CSUM_PARTIAL) == (field == pseudo)
 
 
 # ---- TSO split and userspace GRO --------------------------------------------------------
@@ -135,7 +135,7 @@ def super_packet(payload: bytes, flags: str = "PA", seq: int = 1000, ident: int 
 
 def split(pkt: bytes, mss: int) -> list[bytes]:
     out = bytearray(2 * len(pkt) + 4096)
-    used, segs, seglen = offload.tso_split(bytearray(pkt), 0, len(pkt), mss, out, PREFIX)
+    used, segs, seglen = tso.tso_split(bytearray(pkt), 0, len(pkt), mss, out, PREFIX)
     assert seglen == 22 + 52 + mss
     frames = [bytes(out[i:min(i + seglen, used)]) for i in range(0, used, seglen)]
     assert len(frames) == segs and all(f[:22] == PREFIX for f in frames)
@@ -173,13 +173,13 @@ def test_complete_checksum_finishes_partial_tcp_and_udp() -> None:
         want = bytes(pkt)
         buf = bytearray(partial(IP(want)))
         off = 16 if pkt.haslayer(TCP) else 6
-        offload.complete_checksum(buf, 0, len(buf), 20, off)
+        csum.complete_checksum(buf, 0, len(buf), 20, off)
         assert bytes(buf) == want
 
 
-def gro(segments: list[bytes], mtu: int = 1500) -> list[tuple[VnetHdr, bytes]]:
+def coalesce(segments: list[bytes], mtu: int = 1500) -> list[tuple[VnetHdr, bytes]]:
     """Feed segments through a Coalescer as the engine does; return what it writes."""
-    c = offload.Coalescer()
+    c = gro.Coalescer()
     written: list[tuple[VnetHdr, bytes]] = []
 
     def emit(view: memoryview) -> None:
@@ -203,17 +203,17 @@ def gro(segments: list[bytes], mtu: int = 1500) -> list[tuple[VnetHdr, bytes]]:
 def test_gro_merges_a_split_super_packet_back() -> None:
     payload = bytes(i & 0xFF for i in range(30000))
     pkt = super_packet(payload, "PA")
-    out = gro(split(pkt, 1398))
+    out = coalesce(split(pkt, 1398))
     assert len(out) == 1
     h, merged = out[0]
-    assert h == VnetHdr(offload.F_NEEDS_CSUM, offload.GSO_TCPV4, 52, 1398, 20, 16)
+    assert h == VnetHdr(vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4, 52, 1398, 20, 16)
     p = IP(merged)
     assert bytes(p[TCP].payload) == payload and p.len == len(pkt) and p.id == 7
     assert "P" in str(p[TCP].flags)
     fresh = IP(merged)
     del fresh.chksum
     assert bytes(fresh)[:20] == merged[:20]  # IPv4 header checksum recomputed
-    assert struct.unpack_from("!H", merged, 36)[0] == offload.pseudo_header_sum(
+    assert struct.unpack_from("!H", merged, 36)[0] == csum.pseudo_header_sum(
         merged, 0, 6, len(merged) - 20)
 
 
@@ -221,10 +221,10 @@ def test_gro_keeps_flows_apart_and_refuses_gaps() -> None:
     a = split(super_packet(b"a" * 4000, "A", seq=1), 1000)
     other = bytes(IP(src="10.244.1.3", dst="10.244.2.2") / TCP(sport=1, dport=2, flags="A")
                   / (b"b" * 1000))
-    out = gro([a[0], a[1], other, a[2], a[3]])
+    out = coalesce([a[0], a[1], other, a[2], a[3]])
     assert [len(p) - 52 for _, p in out[:1]] == [2000]
     assert len(out) == 3
-    gap = gro([a[0], a[2]])
+    gap = coalesce([a[0], a[2]])
     assert len(gap) == 2 and all(h.gso_type == 0 for h, _ in gap)
     assert IP(gap[0][1])[TCP].seq == 1
 
@@ -233,7 +233,7 @@ def test_gro_passes_syn_fin_and_single_segments_through() -> None:
     syn = bytes(IP() / TCP(flags="S"))
     fin = super_packet(b"f" * 10, "FA")
     one = super_packet(b"o" * 100, "A")
-    out = gro([syn, fin, one])
+    out = coalesce([syn, fin, one])
     assert [p for _, p in out] == [syn, fin, one]
     assert out[2][0].gso_type == 0
 
@@ -247,7 +247,7 @@ def test_tso_split_with_ip_options_takes_the_generic_path() -> None:
                 / TCP(seq=5, flags="PA") / payload)
     assert pkt[0] == 0x46
     out = bytearray(2 * len(pkt) + 4096)
-    used, segs, seglen = offload.tso_split(bytearray(pkt), 0, len(pkt), 1000, out, PREFIX)
+    used, segs, seglen = tso.tso_split(bytearray(pkt), 0, len(pkt), 1000, out, PREFIX)
     assert segs == 6 and seglen == 22 + 44 + 1000
     got = b""
     for i in range(segs):
