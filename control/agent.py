@@ -39,11 +39,12 @@ from control.errors import (
 )
 from control.iface import ExternalInterface, find_interface
 from control.keeper import LeaseKeeper
-from control.lease import LEASE_TTL, Lease, LeaseAttrs, mac_to_text
+from control.lease import LEASE_TTL, Lease, LeaseAttrs
 from control.registry import EtcdOptions, Registry, discover
 from control.watch import PeerMap, PeerWatcher
 from dataplane.errors import DataplaneError
 from dataplane.fib import Path, Peer
+from dataplane.wire import mac_to_str as mac_to_text
 
 log = logging.getLogger("flannelette.agent")
 

@@ -9,6 +9,7 @@ rules, and their messages, are flannel's (``pkg/subnet/config.go``).
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import json
 from collections.abc import Mapping
@@ -16,19 +17,33 @@ from dataclasses import dataclass
 from typing import Any
 
 from control.errors import ConfigError
+from dataplane.wire import OVERHEAD, VXLAN_PORT
 
-VXLAN_PORT = 8472
-UDP_PORT = 8285
-VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 MAX_VNI = (1 << 24) - 1
-BACKENDS_SUPPORTED = ("vxlan", "host-gw")
+
+
+class BackendType(enum.StrEnum):
+    """The backends flannelette runs. A StrEnum, so lease values and logs keep flannel's
+    strings (``"vxlan"``, ``"host-gw"``) and a peer's lease string compares equal."""
+
+    VXLAN = "vxlan"
+    HOST_GW = "host-gw"
+
+    @classmethod
+    def parse(cls, text: str) -> BackendType | None:
+        """Flannel matches the type case-insensitively (``"VxLAN"`` is vxlan); None if
+        it is not one of ours."""
+        try:
+            return cls(text.lower())
+        except ValueError:
+            return None
 
 
 @dataclass(frozen=True, slots=True)
 class Backend:
     """The ``Backend`` object: type plus the vxlan options flannel knows."""
 
-    type: str  # lower case: "vxlan" or "host-gw"
+    type: BackendType
     vni: int = 1
     port: int = VXLAN_PORT
     mtu: int | None = None  # None: external interface MTU minus the overhead
@@ -53,8 +68,8 @@ class NetworkConfig:
         """The overlay MTU for an external interface MTU (Backend.MTU wins if set)."""
         if self.backend.mtu is not None:
             return self.backend.mtu
-        if self.backend.type == "vxlan":
-            return iface_mtu - VXLAN_OVERHEAD
+        if self.backend.type is BackendType.VXLAN:
+            return iface_mtu - OVERHEAD
         return iface_mtu
 
     def contains_subnet(self, subnet: ipaddress.IPv4Network) -> bool:
@@ -127,17 +142,17 @@ def _backend(raw: Any) -> Backend:
     btype = fields.get("type", "")
     if not isinstance(btype, str):
         raise ConfigError(f"Backend.Type must be a string, got {btype!r}")
-    kind = btype.lower()
-    if kind == "udp":
+    if btype.lower() == "udp":
         raise ConfigError(
             "backend type udp (flannel's old userspace encapsulation) is not supported by "
             'flannelette; use "Type": "vxlan" (userspace VXLAN, wire-compatible with '
             'flannel\'s vxlan) or "host-gw"')
-    if kind not in BACKENDS_SUPPORTED:
+    kind = BackendType.parse(btype)
+    if kind is None:
         raise ConfigError(f"unknown backend type: {btype}"
-                          f" (flannelette supports: {', '.join(BACKENDS_SUPPORTED)})")
-    if kind == "host-gw":
-        return Backend(type="host-gw", port=0)
+                          f" (flannelette supports: {', '.join(BackendType)})")
+    if kind is BackendType.HOST_GW:
+        return Backend(type=kind, port=0)
     vni = _int(fields, "vni", "Backend.VNI", 1)
     port = _int(fields, "port", "Backend.Port", 0)
     mtu = _int(fields, "mtu", "Backend.MTU", None)
@@ -149,7 +164,7 @@ def _backend(raw: Any) -> Backend:
     if mtu is not None and mtu != 0 and not 576 <= mtu <= 65535:
         raise ConfigError(f"Backend.MTU must be in 576..65535, got {mtu}")
     return Backend(
-        type="vxlan", vni=vni, port=port or VXLAN_PORT, mtu=mtu or None,
+        type=kind, vni=vni, port=port or VXLAN_PORT, mtu=mtu or None,
         gbp=_bool(fields, "gbp", "Backend.GBP", False),
         learning=_bool(fields, "learning", "Backend.Learning", False),
         direct_routing=_bool(fields, "directrouting", "Backend.DirectRouting", False),

@@ -20,8 +20,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from control.config import NetworkConfig, fold_keys
+from control.config import BackendType, NetworkConfig, fold_keys
 from control.errors import AllocationError, LeaseValueError
+from dataplane.wire import mac_from_str, mac_to_str
 
 LEASE_TTL = 24 * 3600  # seconds, flannel's subnetTTL
 RENEW_MARGIN = 60 * 60  # seconds, flannel's --subnet-lease-renew-margin default
@@ -51,25 +52,12 @@ def parse_key(key: str) -> ipaddress.IPv4Network | None:
         return None
 
 
-def mac_to_text(mac: bytes) -> str:
-    """Lower-case, colon-separated, as flannel writes VtepMAC."""
-    return ":".join(f"{b:02x}" for b in mac)
-
-
-def mac_from_text(text: str) -> bytes:
-    """Parse ``aa:bb:cc:dd:ee:ff`` (or dashes), as Go's net.ParseMAC does for 48 bits."""
-    parts = re.split(r"[:-]", text)
-    if len(parts) != 6 or not all(re.fullmatch(r"[0-9a-fA-F]{2}", p) for p in parts):
-        raise ValueError(f"not a MAC address: {text!r}")
-    return bytes(int(p, 16) for p in parts)
-
-
 @dataclass(frozen=True, slots=True)
 class LeaseAttrs:
     """What a lease value says about its node."""
 
     public_ip: ipaddress.IPv4Address
-    backend_type: str
+    backend_type: str  # lower case; BackendType for ours, any string for a peer's
     vni: int | None = None
     vtep_mac: bytes | None = None
     # A flannelette node: its engine accepts inner TCP checksums left partial. Published
@@ -104,9 +92,9 @@ def encode_attrs(attrs: LeaseAttrs) -> str:
     """
     doc: dict[str, Any] = {"PublicIP": str(attrs.public_ip), "PublicIPv6": None,
                            "BackendType": attrs.backend_type}
-    if attrs.backend_type == "vxlan":
+    if attrs.backend_type == BackendType.VXLAN:
         data: dict[str, Any] = {"VNI": attrs.vni if attrs.vni is not None else 1,
-                                "VtepMAC": mac_to_text(attrs.vtep_mac or bytes(6))}
+                                "VtepMAC": mac_to_str(attrs.vtep_mac or bytes(6))}
         if attrs.csum_partial:
             data[FLANNELETTE_FIELD] = {"CsumPartial": True}
         doc["BackendData"] = data
@@ -141,7 +129,7 @@ def decode_attrs(value: str | bytes) -> LeaseAttrs:
     vni: int | None = None
     mac: bytes | None = None
     partial = False
-    if btype == "vxlan":
+    if btype == BackendType.VXLAN:
         data = fields.get("backenddata")
         if not isinstance(data, dict):
             raise LeaseValueError(f"vxlan lease has no BackendData object: {data!r}")
@@ -154,8 +142,8 @@ def decode_attrs(value: str | bytes) -> LeaseAttrs:
         if not isinstance(raw_mac, str):
             raise LeaseValueError(f"vxlan lease has no VtepMAC: {raw_mac!r}")
         try:
-            mac = mac_from_text(raw_mac)
-        except ValueError as exc:
+            mac = mac_from_str(raw_mac)
+        except ValueError as exc:  # dataplane.errors.ConfigError is a ValueError
             raise LeaseValueError(f"lease VtepMAC: {exc}") from None
         partial = _csum_partial(bdata)
     return LeaseAttrs(public_ip, btype, vni, mac, partial)

@@ -28,23 +28,20 @@ import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from control.config import BackendType
 from control.errors import ControlError
 from dataplane.fib import Path, Peer
-
-VXLAN = "vxlan"
-HOST_GW = "host-gw"
-BACKENDS = (VXLAN, HOST_GW)
 
 
 class RouteError(ControlError):
     """Routes cannot be planned or applied as asked (e.g. vxlan without a TUN device)."""
 
 
-def normalize_backend(kind: str) -> str:
+def normalize_backend(kind: str) -> BackendType:
     """Backend type as flannel matches it: case-insensitively (``"VxLAN"`` is vxlan)."""
-    low = kind.strip().lower()
-    if low in BACKENDS:
-        return low
+    found = BackendType.parse(kind.strip())
+    if found is not None:
+        return found
     raise RouteError(f"unknown backend type: {kind} (flannelette routes vxlan and host-gw)")
 
 
@@ -179,13 +176,13 @@ def choose_paths(
     return tuple(decisions), tuple(extra)
 
 
-def _decide(backend: str, direct_routing: bool, network: ipaddress.IPv4Network, peer: Peer,
+def _decide(backend: BackendType, direct_routing: bool, network: ipaddress.IPv4Network, peer: Peer,
             reach: Mapping[ipaddress.IPv4Address, Reachability]) -> Decision:
     label = _peer_label(peer)
     if not peer.subnet.subnet_of(network):
         return Decision(replace(peer, path=Path.UNREACHABLE), "outside the Network",
                         f"peer {label} is outside the Network {network}: no route")
-    if backend == HOST_GW:
+    if backend is BackendType.HOST_GW:
         r = reach.get(peer.public_ip) or reachability(None)
         if r.same_l2:
             return Decision(replace(peer, path=Path.DIRECT), f"host-gw: {r.detail}")
@@ -207,7 +204,7 @@ def _decide(backend: str, direct_routing: bool, network: ipaddress.IPv4Network, 
 
 def needs_lookup(backend: str, direct_routing: bool) -> bool:
     """Only host-gw and DirectRouting need the kernel's opinion on PublicIPs."""
-    return normalize_backend(backend) == HOST_GW or direct_routing
+    return normalize_backend(backend) is BackendType.HOST_GW or direct_routing
 
 
 # ---- routes ---------------------------------------------------------------------------------
@@ -220,7 +217,7 @@ def desired_routes(
 ) -> tuple[Route, ...]:
     """The routes we want: the Network into the TUN (vxlan only) and one per DIRECT peer."""
     routes: list[Route] = []
-    if normalize_backend(backend) == VXLAN:
+    if normalize_backend(backend) is BackendType.VXLAN:
         if not device:
             raise RouteError("backend vxlan needs the TUN device name for the Network route")
         routes.append(Route(network, None, device))

@@ -19,6 +19,7 @@ from typing import Any
 
 from control import netlink
 from control import reconcile as rc
+from control.config import BackendType
 from control.reconcile import Decision, Route
 from dataplane.fib import Path, Peer
 
@@ -44,7 +45,7 @@ class RouteProgrammer:
         self.proto = proto
         self.table = table
         self._lock = asyncio.Lock()
-        self._last: tuple[str, bool, tuple[Peer, ...]] | None = None
+        self._last: tuple[BackendType, bool, tuple[Peer, ...]] | None = None
         self._paths: dict[ipaddress.IPv4Network, Path] = {}
         self._decisions: tuple[Decision, ...] = ()
         self._warnings: tuple[str, ...] = ()
@@ -181,7 +182,7 @@ class RouteProgrammer:
             self._paths.clear()
             return removed
 
-    async def _sync(self, kind: str, direct_routing: bool, peers: tuple[Peer, ...],
+    async def _sync(self, kind: BackendType, direct_routing: bool, peers: tuple[Peer, ...],
                     handoff: Handoff | None) -> tuple[Peer, ...]:
         self._last = (kind, direct_routing, peers)
         reach: dict[ipaddress.IPv4Address, rc.Reachability] = {}

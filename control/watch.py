@@ -16,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 
 from control.backoff import Backoff
+from control.config import BackendType
 from control.errors import LeaseValueError, RegistryUnavailable, ResyncRequired
 from control.lease import Lease, RawLease, decode_lease, diff_leases
 from control.registry import Registry, WatchEvent
@@ -29,7 +30,7 @@ PeerMap = Mapping[Subnet, Lease]
 class PeerWatcher:
     """Snapshot + watch of ``<prefix>/subnets`` for one node."""
 
-    def __init__(self, registry: Registry, *, backend_type: str,
+    def __init__(self, registry: Registry, *, backend_type: BackendType,
                  own_subnet: Callable[[], Subnet | None],
                  on_peers: Callable[[PeerMap], None],
                  on_own_lease_lost: Callable[[], None],
@@ -133,7 +134,7 @@ class PeerWatcher:
         if self.synced:
             self._publish()
 
-    def set_backend_type(self, backend_type: str) -> None:
+    def set_backend_type(self, backend_type: BackendType) -> None:
         """A live backend switch: from now on hand out peers of ``backend_type`` (flannel
         ignores leases of another backend); the new peer set goes out at once."""
         if backend_type == self._backend_type:

@@ -14,7 +14,7 @@ import etcd as python_etcd
 import pytest
 
 from benchmarks.etcd import EtcdServer
-from control.config import parse_config
+from control.config import BackendType, parse_config
 from control.errors import ConfigError, ConfigNotFound
 from control.keeper import LeaseKeeper
 from control.lease import LeaseAttrs, decode_attrs, decode_lease, encode_attrs
@@ -208,7 +208,7 @@ def test_deleted_lease_is_reacquired_and_renewal_happens(etcd: EtcdServer, api: 
         lease = await k.acquire()
         first_expiry = k.expires_at
         assert first_expiry is not None
-        w = PeerWatcher(reg, backend_type="vxlan", own_subnet=lambda: k.subnet,
+        w = PeerWatcher(reg, backend_type=BackendType.VXLAN, own_subnet=lambda: k.subnet,
                         on_peers=lambda p: None, on_own_lease_lost=k.lost, clock=time.monotonic,
                         watch_timeout=2.0)
         tasks = [asyncio.ensure_future(k.run()), asyncio.ensure_future(w.run())]
@@ -243,7 +243,7 @@ class Seen:
 
 
 def watcher(reg: Registry, seen: Seen) -> PeerWatcher:
-    return PeerWatcher(reg, backend_type="vxlan", own_subnet=lambda: N("10.5.1.0/24"),
+    return PeerWatcher(reg, backend_type=BackendType.VXLAN, own_subnet=lambda: N("10.5.1.0/24"),
                        on_peers=seen, on_own_lease_lost=lambda: None, clock=time.monotonic,
                        watch_timeout=2.0)
 
@@ -377,7 +377,7 @@ def test_hung_etcd_is_noticed_and_watch_resumes(etcd: EtcdServer, api: int) -> N
         reg = open_api(f"v{api}", EtcdOptions(endpoints=(etcd.endpoint,), prefix=PREFIX,
                                               timeout=2.0))
         seen = Seen()
-        w = PeerWatcher(reg, backend_type="vxlan", own_subnet=lambda: None, on_peers=seen,
+        w = PeerWatcher(reg, backend_type=BackendType.VXLAN, own_subnet=lambda: None, on_peers=seen,
                         on_own_lease_lost=lambda: None, clock=time.monotonic,
                         watch_timeout=1.0)
         task = asyncio.ensure_future(w.run())

@@ -7,6 +7,7 @@ import ipaddress
 import random
 
 from control.backoff import Backoff
+from control.config import BackendType
 from control.lease import LeaseAttrs, encode_attrs
 from control.watch import PeerMap, PeerWatcher
 from tests.fakes import FakeClock, InMemoryRegistry, run_async
@@ -28,7 +29,7 @@ class Harness:
         self.lost = 0
         self.task: asyncio.Future[None] | None = None
         self.watcher = PeerWatcher(
-            self.reg, backend_type="vxlan", own_subnet=lambda: OWN,
+            self.reg, backend_type=BackendType.VXLAN, own_subnet=lambda: OWN,
             on_peers=self._peers, on_own_lease_lost=self._lost, clock=self.clock,
             sleep=self.clock.sleep, backoff=Backoff(rng=random.Random(1)), watch_timeout=1.0,
             own_public_ip=lambda: ipaddress.IPv4Address("10.10.1.1"))
@@ -161,7 +162,7 @@ async def test_moving_to_another_subnet_republishes_the_peer_set() -> None:
     own = [OWN]
     h = Harness()
     h.watcher = PeerWatcher(
-        h.reg, backend_type="vxlan", own_subnet=lambda: own[0], on_peers=h._peers,
+        h.reg, backend_type=BackendType.VXLAN, own_subnet=lambda: own[0], on_peers=h._peers,
         on_own_lease_lost=h._lost, clock=h.clock, sleep=h.clock.sleep, watch_timeout=1.0)
     h.reg.set(OWN, value("10.10.1.77"))  # someone else holds our old subnet now
     h.reg.set(N("10.5.9.0/24"), value("10.10.1.1"))  # our new lease
