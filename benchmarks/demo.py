@@ -40,6 +40,7 @@ from benchmarks.cluster import PREFIX, AgentProcess, Cluster, ClusterError
 from benchmarks.etcd import EtcdError
 from benchmarks.lab import Host, Lab, LabError
 from benchmarks.traffic import TrafficError, iperf_tcp, parse_ping_rtts, start_iperf_server
+from control.table import table
 
 NETWORK = "10.7.0.0/16"
 SEED_NETWORK = "172.7.0.0/16"
@@ -192,16 +193,6 @@ class TcpResult:
     path: str
     gbps: float | None
     note: str = ""
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "    "
-          ) -> list[str]:
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
-    fmt = indent + "  ".join(f"{{:<{w}}}" for w in widths)
-    return [fmt.format(*headers).rstrip(), fmt.format(*("-" * w for w in widths)),
-            *(fmt.format(*row).rstrip() for row in rows)]
 
 
 def rtt_text(rtts: Sequence[float]) -> str:
@@ -444,7 +435,7 @@ class Demo:
                 rows.append([name, f"{by_subnet.get(p['subnet'], '?')} {p['subnet']}",
                              p["public_ip"], p["path"], str(p.get("reason") or "")])
         for line in table(["agent", "peer (container subnet)", "peer host", "path", "why"],
-                          rows):
+                          rows, indent="    "):
             self.say(line)
         warnings = [(name, w) for name, d in docs.items() for w in d.get("warnings") or []]
         if warnings:
@@ -499,7 +490,7 @@ class Demo:
             rows.append([label, path, outcome])
         self.say()
         self.say("  Container to container pings:")
-        for line in table(["pair", "path", "result"], rows):
+        for line in table(["pair", "path", "result"], rows, indent="    "):
             self.say(line)
         self.say()
 
@@ -542,7 +533,7 @@ class Demo:
         if rows:
             self.say()
             self.say("  Throughput (one TCP stream, iperf3, both ends in containers):")
-            for line in table(["pair", "path", "rate"], rows):
+            for line in table(["pair", "path", "rate"], rows, indent="    "):
                 self.say(line)
         self.say()
 
@@ -552,7 +543,7 @@ class Demo:
                 for p in doc["peers"]]
         self.say("  h1's tunnel counters per peer (/status; packets through the VXLAN engine"
                  " tx / rx):")
-        for line in table(["peer", "path", "tunnelled tx / rx"], rows):
+        for line in table(["peer", "path", "tunnelled tx / rx"], rows, indent="    "):
             self.say(line)
         if model.backend == "host-gw" or model.direct_routing:
             self.say("    Direct peers never touch the engine: the kernel forwards their packets,"

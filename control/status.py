@@ -17,6 +17,8 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from control.table import table
+
 
 class StatusError(RuntimeError):
     """No agent answered, or it answered something that is not a status document."""
@@ -62,15 +64,6 @@ def _when(ts: Any, now: float) -> str:
     return f"{stamp} (expired {-left / 3600:.1f} h ago)"
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return [fmt.format(*headers).rstrip(), fmt.format(*("-" * w for w in widths)),
-            *(fmt.format(*row).rstrip() for row in rows)]
-
-
 def render(doc: Mapping[str, Any], now: float) -> str:
     """The status document as text: node, peers (one row each), drops by reason."""
     node: Mapping[str, Any] = doc.get("node") or {}
@@ -108,7 +101,7 @@ def render(doc: Mapping[str, Any], now: float) -> str:
             f"{int(p.get('tx_packets', 0))} / {_human_bytes(float(p.get('tx_bytes', 0)))}",
             f"{int(p.get('rx_packets', 0))} / {_human_bytes(float(p.get('rx_bytes', 0)))}",
         ] for p in sorted(peers, key=lambda p: str(p.get("subnet", "")))]
-        lines += _table(["peer subnet", "public ip", "vtep mac", "path", "tx pkts / bytes",
+        lines += table(["peer subnet", "public ip", "vtep mac", "path", "tx pkts / bytes",
                          "rx pkts / bytes"], rows)
     else:
         lines.append("no peers")

@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks.etcd import free_port
 from control import status
+from control.table import table
 
 DOC = {
     "node": {"subnet": "10.244.1.0/24", "public_ip": "10.10.1.1", "backend": "vxlan",
@@ -77,3 +78,8 @@ def test_render_disconnected_and_empty() -> None:
     text = status.render({"node": {"subnet": "10.5.1.0/24"},
                           "etcd": {"connected": False, "disconnected_for": 42}}, now=0.0)
     assert "DISCONNECTED for 42 s" in text and "no peers" in text and "drops: none" in text
+
+
+def test_table_aligns_columns_and_strips_trailing_blanks() -> None:
+    lines = table(["a", "bb"], [["xxx", ""], ["y", "z"]], indent="  ")
+    assert lines == ["  a    bb", "  ---  --", "  xxx", "  y    z"]
