@@ -18,7 +18,9 @@ node (the seed's procedure). The agent watches the key instead and asks
 * the key was deleted (the first step of the seed's procedure): the running
   config stays, with a warning.
 
-Text in, a frozen :class:`ConfigChange` out; no I/O.
+Text in, a frozen :class:`ConfigChange` out; no I/O. An applied change carries
+the ordered :class:`Step` tuple that carries it out; ``control/follower.py`` runs
+exactly those steps, in that order, and decides nothing itself.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import enum
 import ipaddress
 from dataclasses import dataclass
 
-from control.config import Backend, NetworkConfig, parse_config
+from control.config import Backend, BackendType, NetworkConfig, parse_config
 from control.errors import ConfigError
 
 
@@ -49,6 +51,25 @@ class EngineStep(enum.Enum):
     RESTART = "restart"  # VNI, Port or MTU changed
 
 
+class Step(enum.Enum):
+    """One step of an applied change; :attr:`ConfigChange.steps` says which, in order.
+
+    The order is what makes a switch lossless: a route may point into the TUN only
+    while its engine runs, so the engine starts before routes are planned and stops
+    only after they left it; the lease says the new BackendType only once this node
+    forwards that way.
+    """
+
+    STOP_ENGINE = "stop engine"  # first for a restart (the new one needs the UDP port and
+    #                              maybe the TUN name); last but one for vxlan -> host-gw
+    START_ENGINE = "start engine"  # with the new VNI/Port/MTU
+    TAKE_CONFIG = "take config"  # the node runs the new config (and MTU) from here on
+    WRITE_SUBNET_ENV = "write subnet.env"  # the MTU CNI hands to containers changed
+    FILTER_PEERS = "filter peers"  # the peer watch hands out leases of the new BackendType
+    PROGRAM_ROUTES = "program routes"  # paths re-planned, kernel routes and engine updated
+    REPUBLISH_LEASE = "republish lease"  # our lease value with the new BackendType/VNI
+
+
 @dataclass(frozen=True, slots=True)
 class ConfigChange:
     """The verdict on one new config value.
@@ -64,6 +85,7 @@ class ConfigChange:
     engine: EngineStep = EngineStep.KEEP
     republish_lease: bool = False  # BackendType or VNI in our lease value changes
     mtu: int | None = None  # the overlay MTU after the change (APPLY only)
+    steps: tuple[Step, ...] = ()  # APPLY only: what to do, in this order
 
     @property
     def switches_backend(self) -> bool:
@@ -73,7 +95,7 @@ class ConfigChange:
 
 def backend_label(backend: Backend) -> str:
     """``vxlan``, ``vxlan + DirectRouting`` or ``host-gw``, as logs say it."""
-    if backend.type == "vxlan" and backend.direct_routing:
+    if backend.type is BackendType.VXLAN and backend.direct_routing:
         return "vxlan + DirectRouting"
     return backend.type
 
@@ -82,10 +104,10 @@ def _backend_changes(old: Backend, new: Backend) -> list[str]:
     out: list[str] = []
     if old.type != new.type:
         out.append(f"backend {old.type} -> {new.type}")
-    if old.direct_routing != new.direct_routing and new.type == "vxlan":
+    if old.direct_routing != new.direct_routing and new.type is BackendType.VXLAN:
         out.append(f"DirectRouting {str(old.direct_routing).lower()} -> "
                    f"{str(new.direct_routing).lower()}")
-    if old.type == new.type == "vxlan":
+    if old.type is new.type is BackendType.VXLAN:
         for name, a, b in (("VNI", old.vni, new.vni), ("Port", old.port, new.port),
                            ("MTU", old.mtu, new.mtu), ("GBP", old.gbp, new.gbp),
                            ("Learning", old.learning, new.learning)):
@@ -95,7 +117,8 @@ def _backend_changes(old: Backend, new: Backend) -> list[str]:
 
 
 def _engine_step(old: NetworkConfig, new: NetworkConfig, iface_mtu: int) -> EngineStep:
-    was, now = old.backend.type == "vxlan", new.backend.type == "vxlan"
+    was = old.backend.type is BackendType.VXLAN
+    now = new.backend.type is BackendType.VXLAN
     if was and not now:
         return EngineStep.STOP
     if now and not was:
@@ -104,6 +127,30 @@ def _engine_step(old: NetworkConfig, new: NetworkConfig, iface_mtu: int) -> Engi
                 or old.mtu_for(iface_mtu) != new.mtu_for(iface_mtu)):
         return EngineStep.RESTART
     return EngineStep.KEEP
+
+
+def plan_steps(old: NetworkConfig, new: NetworkConfig, engine: EngineStep, republish: bool,
+               iface_mtu: int) -> tuple[Step, ...]:
+    """The ordered steps that take a node from ``old`` to ``new`` (see :class:`Step`)."""
+    steps: list[Step] = []
+    if engine is EngineStep.RESTART:
+        steps += [Step.STOP_ENGINE, Step.START_ENGINE]
+    elif engine is EngineStep.START:
+        steps.append(Step.START_ENGINE)
+    steps.append(Step.TAKE_CONFIG)
+    if old.mtu_for(iface_mtu) != new.mtu_for(iface_mtu):
+        steps.append(Step.WRITE_SUBNET_ENV)
+    type_changed = old.backend.type is not new.backend.type
+    if type_changed:
+        steps.append(Step.FILTER_PEERS)
+    paths_changed = (type_changed or old.backend.direct_routing != new.backend.direct_routing)
+    if paths_changed or engine is not EngineStep.KEEP:  # a new TUN has none of our routes
+        steps.append(Step.PROGRAM_ROUTES)
+    if engine is EngineStep.STOP:
+        steps.append(Step.STOP_ENGINE)
+    if republish:
+        steps.append(Step.REPUBLISH_LEASE)
+    return tuple(steps)
 
 
 def plan_change(old: NetworkConfig, text: str | bytes | None, *,
@@ -157,11 +204,13 @@ def plan_change(old: NetworkConfig, text: str | bytes | None, *,
         return ConfigChange(Action.NONE, new, f"network config at {key} changed nothing "
                             "this node uses")
     engine = _engine_step(old, new, iface_mtu)
-    republish = (old.backend.type != new.backend.type
-                 or (new.backend.type == "vxlan" and old.backend.vni != new.backend.vni))
+    republish = (old.backend.type is not new.backend.type
+                 or (new.backend.type is BackendType.VXLAN
+                     and old.backend.vni != new.backend.vni))
     after = backend_label(new.backend)
     verb = (f"switching backend {running} -> {after} in place" if after != running
             else f"applying in place (backend {after})")
     return ConfigChange(Action.APPLY, new,
                         f"network config at {key} changed ({'; '.join(changes)}): {verb}",
-                        tuple(changes), engine, republish, new.mtu_for(iface_mtu))
+                        tuple(changes), engine, republish, new.mtu_for(iface_mtu),
+                        plan_steps(old, new, engine, republish, iface_mtu))

@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from control.config import parse_config
-from control.reconfig import Action, EngineStep, backend_label, plan_change
+from control.reconfig import Action, EngineStep, Step, backend_label, plan_change
 
 OWN = ipaddress.IPv4Network("10.7.1.0/24")
 VXLAN = '{"Network":"10.7.0.0/16","Backend":{"Type":"vxlan"}}'
@@ -108,3 +108,38 @@ def test_subnet_range_change_applies_if_the_lease_still_fits() -> None:
 def test_without_a_lease_network_changes_are_still_refused() -> None:
     c = change(VXLAN, '{"Network":"10.8.0.0/16","Backend":{"Type":"vxlan"}}', own=None)
     assert c.action is Action.REJECT
+
+
+S = Step
+
+
+@pytest.mark.parametrize("old,new,steps", [
+    # host-gw -> vxlan: the TUN exists before a route points into it; the lease last.
+    (HOST_GW, VXLAN, (S.START_ENGINE, S.TAKE_CONFIG, S.WRITE_SUBNET_ENV, S.FILTER_PEERS,
+                      S.PROGRAM_ROUTES, S.REPUBLISH_LEASE)),
+    # vxlan -> host-gw: the engine stops only once no route points into it.
+    (VXLAN_DR, HOST_GW, (S.TAKE_CONFIG, S.WRITE_SUBNET_ENV, S.FILTER_PEERS, S.PROGRAM_ROUTES,
+                         S.STOP_ENGINE, S.REPUBLISH_LEASE)),
+    # DirectRouting on/off: paths only; the lease value (BackendType, VNI) is the same.
+    (VXLAN, VXLAN_DR, (S.TAKE_CONFIG, S.PROGRAM_ROUTES)),
+    # A new VNI: the old engine frees the UDP port first; the lease says the new VNI.
+    (VXLAN, '{"Network":"10.7.0.0/16","Backend":{"Type":"vxlan","VNI":2}}',
+     (S.STOP_ENGINE, S.START_ENGINE, S.TAKE_CONFIG, S.PROGRAM_ROUTES, S.REPUBLISH_LEASE)),
+    (VXLAN, '{"Network":"10.7.0.0/16","Backend":{"Type":"vxlan","MTU":1400}}',
+     (S.STOP_ENGINE, S.START_ENGINE, S.TAKE_CONFIG, S.WRITE_SUBNET_ENV, S.PROGRAM_ROUTES)),
+    # Only the allocation range: nothing on this node changes but the config it keeps.
+    (VXLAN, '{"Network":"10.7.0.0/16","SubnetMax":"10.7.200.0","Backend":{"Type":"vxlan"}}',
+     (S.TAKE_CONFIG,)),
+])
+def test_applied_changes_carry_their_ordered_steps(old: str, new: str,
+                                                   steps: tuple[Step, ...]) -> None:
+    c = change(old, new)
+    assert c.action is Action.APPLY
+    assert c.steps == steps
+    assert (S.REPUBLISH_LEASE in c.steps) is c.republish_lease
+
+
+def test_changes_not_applied_have_no_steps() -> None:
+    for new in (VXLAN, None, "not json",
+                '{"Network":"10.8.0.0/16","Backend":{"Type":"vxlan"}}'):
+        assert change(VXLAN, new).steps == ()
