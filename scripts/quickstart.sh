@@ -20,7 +20,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # System packages from Debian. Only touch apt when something is missing.
-pkgs=(etcd-server etcd-client iproute2 iputils-ping iperf3 tshark nftables iptables procps
+pkgs=(etcd-server etcd-client iproute2 iputils-ping iperf3 tshark libpcap0.8 nftables iptables procps
       ethtool python3-venv python3-pip kmod)
 missing=()
 for p in "${pkgs[@]}"; do
