@@ -35,7 +35,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, TypeAlias
+from typing import IO, TypeAlias
 
 from dataplane.errors import DataplaneError
 
@@ -119,7 +119,7 @@ class PcapngWriter:
 
     def __init__(
         self,
-        stream: BinaryIO,
+        stream: IO[bytes],
         *,
         flush: bool = True,
         comments: Sequence[str] = (VXLAN_DECODE_HINT,),
