@@ -15,9 +15,10 @@ programs made elsewhere.
 The interpreter follows libpcap's ``bpf_filter`` (the reference that
 ``pcap_offline_filter`` runs, and what the kernel's classic BPF does for these
 programs): a load past the captured bytes, or a division by a zero X, ends the
-program with 0 (no match); ``len`` is the wire length; shifts by 32 or more give 0.
-Programs are checked once when built (known opcodes, jumps forward and inside the
-program, scratch memory 0..15, no division by a constant 0, ends in RET), so
+program with 0 (no match); ``len`` is the wire length; a shift by an X of 32 or
+more gives 0. Programs are checked once when built (known opcodes, jumps forward
+and inside the program, scratch memory 0..15, no division by a constant 0, no
+constant shift of 32 or more, ends in RET: what the kernel's checker asks), so
 :meth:`Program.match` cannot raise on any packet.
 """
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from dataplane.errors import DataplaneError
 from dataplane.pcapng import DEFAULT_SNAPLEN, LINKTYPE_RAW
 
-__all__ = ["FilterError", "Insn", "Program", "compile_filter"]
+__all__ = ["OPCODES", "FilterError", "Insn", "Program", "compile_filter"]
 
 # Classic BPF opcodes (linux/filter.h, pcap/bpf.h): class | size | mode, class | op | src.
 LD_W_ABS, LD_H_ABS, LD_B_ABS = 0x20, 0x28, 0x30
@@ -58,7 +59,7 @@ _OTHER = {
     LD_MEM, LDX_IMM, LDX_MEM, LDX_W_LEN, LDX_B_MSH, ST, STX, RET_K, RET_A, TAX, TXA,
     JMP_JA,
 }  # fmt: skip
-_KNOWN = _ALU | _JUMPS | _OTHER
+OPCODES = frozenset(_ALU | _JUMPS | _OTHER)  # every opcode the interpreter runs
 _MEMWORDS = 16
 _M = 0xFFFFFFFF
 
@@ -87,7 +88,7 @@ def _check(insns: tuple[Insn, ...]) -> None:
     if not 0 < n <= 4096:
         raise FilterError(f"a BPF program has 1..4096 instructions, not {n}")
     for pc, i in enumerate(insns):
-        if i.code not in _KNOWN:
+        if i.code not in OPCODES:
             raise FilterError(f"instruction {pc}: unsupported opcode {i.code:#06x}")
         if not (0 <= i.k <= _M and 0 <= i.jt <= 255 and 0 <= i.jf <= 255):
             raise FilterError(f"instruction {pc}: field out of range")
@@ -95,6 +96,8 @@ def _check(insns: tuple[Insn, ...]) -> None:
             raise FilterError(f"instruction {pc}: scratch memory index {i.k}")
         if i.code in (ALU_DIV, ALU_MOD) and i.k == 0:
             raise FilterError(f"instruction {pc}: division by constant 0")
+        if i.code in (ALU_LSH, ALU_RSH) and i.k >= 32:  # C leaves it undefined
+            raise FilterError(f"instruction {pc}: shift by constant {i.k}")
         if i.code == JMP_JA and pc + 1 + i.k >= n:
             raise FilterError(f"instruction {pc}: jump out of the program")
         if i.code in _JUMPS and pc + 1 + max(i.jt, i.jf) >= n:

@@ -356,4 +356,3 @@ def test_writer_reader_round_trip(pkts: list[tuple], linktype: int) -> None:  # 
         assert rec == Packet(
             iface, ts, data, len(data) + extra, tuple(comments), pid, word if word else None
         )
-
