@@ -17,9 +17,11 @@ writer uses of it:
   can be linked (the spec names exactly this use: one packet seen at two points).
 
 VXLAN decoding: flannel's VXLAN port is 8472 (the Linux default), not IANA's 4789
-that Wireshark's VXLAN dissector registers, and pcapng has no way to tell a reader
-"decode UDP port X as Y": neither the draft's blocks and options nor Wireshark's
-wiretap know one; "Decode As" is a per-user preference. (Wireshark's Exported PDU
+that Wireshark's VXLAN dissector registers (``tshark -G decodes``), and pcapng has
+no way to tell a reader "decode UDP port X as Y": the draft defines no such block
+or option, and Wireshark's "Decode As" is a per-user preference, not read from the
+file (tshark stops at UDP without ``-d``, see the tests; scapy binds 8472 to VXLAN
+on its own). (Wireshark's Exported PDU
 link type 252 can name a dissector per record, but it replaces the real outer
 IP/UDP headers with tags, which is what a capture of the wire should show.) So
 users run ``tshark -d udp.port==8472,vxlan`` or, in Wireshark, Analyze > Decode
