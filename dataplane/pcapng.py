@@ -21,13 +21,13 @@ that Wireshark's VXLAN dissector registers (``tshark -G decodes``), and pcapng h
 no way to tell a reader "decode UDP port X as Y": the draft defines no such block
 or option, and Wireshark's "Decode As" is a per-user preference, not read from the
 file (tshark stops at UDP without ``-d``, see the tests; scapy binds 8472 to VXLAN
-on its own). (Wireshark's Exported PDU
-link type 252 can name a dissector per record, but it replaces the real outer
-IP/UDP headers with tags, which is what a capture of the wire should show.) So
-users run ``tshark -d udp.port==8472,vxlan`` or, in Wireshark, Analyze > Decode
-As... UDP port 8472 -> VXLAN; :data:`VXLAN_DECODE_HINT` says so, and the writer
-puts it in the section comment; callers put it into outer interfaces'
-descriptions so it shows in the capture file properties too.
+on its own). Wireshark's Exported PDU link type (252) could name the dissector per
+record, but only by replacing the real outer IP/UDP headers with tags, and those
+headers are what an outer capture is for. So users run ``tshark -d
+udp.port==8472,vxlan`` or, in Wireshark, Analyze > Decode As... UDP port 8472 ->
+VXLAN; :data:`VXLAN_DECODE_HINT` says so, the writer puts it in the section comment,
+and callers put it into outer interfaces' descriptions, so it shows in the capture
+file properties.
 
 All multi-byte fields are written little-endian; the reader takes either order.
 """
