@@ -177,6 +177,8 @@ def parse_config(text: str | bytes) -> NetworkConfig:
         doc = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"the network config is not valid JSON: {exc}") from None
+    except RecursionError:  # json.loads recurses per nesting level: "[[[[..." (fuzzing)
+        raise ConfigError("the network config is not valid JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"the network config must be a JSON object, got {doc!r}")
     fields = fold_keys(doc)

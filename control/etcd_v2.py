@@ -30,6 +30,10 @@ _REMOVED = frozenset({"delete", "expire", "compareAndDelete"})
 # Anything etcd or the HTTP layer throws at us (refused, timed out, raft busy) is
 # "etcd is away": the caller backs off and retries.
 _CONNECTION_ERRORS = (etcd.EtcdException, urllib3.exceptions.HTTPError, OSError)
+# An answer python-etcd or we cannot decode (a non-UTF-8 error body, an index that is
+# no integer, a node that is no object: something else on etcd's port) is "etcd is
+# away" too, never an exception out of the registry (found by tests/fuzz).
+_MALFORMED_ANSWER = (ValueError, TypeError, KeyError, AttributeError)
 
 
 def parse_expiration(text: str | None) -> float | None:
@@ -41,7 +45,10 @@ def parse_expiration(text: str | None) -> float | None:
         return None
     frac = (m.group(2) or ".0")[:7]
     tz = "+00:00" if m.group(3) == "Z" else m.group(3)
-    return datetime.datetime.fromisoformat(f"{m.group(1)}{frac}{tz}").timestamp()
+    try:
+        return datetime.datetime.fromisoformat(f"{m.group(1)}{frac}{tz}").timestamp()
+    except ValueError:  # matches the pattern but is no date: month 13, hour 25, ...
+        return None
 
 
 def _reason(exc: BaseException) -> str:
@@ -131,6 +138,11 @@ class EtcdV2Registry:
             endpoint = self._endpoint()
             self._current = (self._current + 1) % len(self._hosts)
             raise RegistryUnavailable(f"etcd v2 at {endpoint}: {_reason(exc)}") from None
+        except _MALFORMED_ANSWER as exc:
+            endpoint = self._endpoint()
+            self._current = (self._current + 1) % len(self._hosts)
+            raise RegistryUnavailable(f"etcd v2 at {endpoint}: malformed answer "
+                                      f"({type(exc).__name__}: {_reason(exc)})") from None
 
     def _endpoint(self) -> str:
         scheme, host, port = self._hosts[self._current]

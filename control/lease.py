@@ -114,6 +114,8 @@ def decode_attrs(value: str | bytes) -> LeaseAttrs:
         doc = json.loads(value)
     except (ValueError, UnicodeDecodeError) as exc:
         raise LeaseValueError(f"lease value is not JSON: {exc}") from None
+    except RecursionError:  # json.loads recurses per nesting level: "[[[[..." (fuzzing)
+        raise LeaseValueError("lease value is not JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise LeaseValueError(f"lease value is not a JSON object: {value!r}")
     fields = fold_keys(doc)

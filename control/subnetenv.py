@@ -44,7 +44,7 @@ def read_subnet(path: str) -> ipaddress.IPv4Network | None:
     try:
         with open(path) as f:
             value = parse(f.read()).get("FLANNEL_SUBNET")
-    except OSError:
+    except (OSError, UnicodeDecodeError):  # a file that is not UTF-8 text is unreadable too
         return None
     if not value:
         return None
