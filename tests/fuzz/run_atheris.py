@@ -26,7 +26,7 @@ CORPUS = os.path.join(HERE, "corpus")
 
 def fuzz_one(name: str, libfuzzer_args: list[str]) -> None:
     """Run atheris on one target in this process (does not return)."""
-    import atheris
+    import atheris  # type: ignore[import-untyped, import-not-found, unused-ignore]
     with atheris.instrument_imports(include=["dataplane", "control", "tests.fuzz"]):
         from tests.fuzz import targets
     if name not in targets.TARGETS:
