@@ -14,6 +14,7 @@ flannel answers every failure with code 999, we use the spec's codes (see
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import ipaddress
 import json
@@ -453,12 +454,42 @@ def stored_delegate(data: bytes) -> Json | None:
     return doc
 
 
+def route_gateways_filled(result: Mapping[str, Any]) -> Json:
+    """A result whose gateway-less routes carry the gateway they were installed with.
+
+    The delegate installs a route without ``gw`` via its interface's gateway
+    (ipam.ConfigureIface), but the reference plugins before v1.3.0 (Debian 12 ships
+    1.1.1) then look for a route *without* a gateway on CHECK and fail every flannel
+    config (containernetworking/plugins#886). Naming the gateway is what the kernel
+    holds, so the comparison is the same for fixed plugins and passes for old ones."""
+    doc: Json = dict(result)
+    ips, routes = doc.get("ips"), doc.get("routes")
+    if not isinstance(ips, list) or not isinstance(routes, list):
+        return doc
+    gateways: dict[int, str] = {}
+    for ip in ips:
+        if isinstance(ip, dict) and isinstance(ip.get("gateway"), str):
+            with contextlib.suppress(ValueError):
+                gateways.setdefault(ipaddress.ip_address(ip["gateway"]).version, ip["gateway"])
+    filled: list[Any] = []
+    for route in routes:
+        if isinstance(route, dict) and not route.get("gw") and isinstance(route.get("dst"), str):
+            family: int = 0
+            with contextlib.suppress(ValueError):
+                family = parse_cidr(route["dst"]).version
+            if family in gateways:
+                route = {**route, "gw": gateways[family]}
+        filled.append(route)
+    doc["routes"] = filled
+    return doc
+
+
 def check_conf(stored: Mapping[str, Any], prev_result: Json | None) -> bytes:
     """CHECK's delegate config: the stored ADD config plus the runtime's prevResult, which
     the delegate (bridge, host-local) compares with the container's real state."""
     doc: Json = dict(stored)
     if prev_result is not None:
-        doc["prevResult"] = prev_result
+        doc["prevResult"] = route_gateways_filled(prev_result)
     else:
         doc.pop("prevResult", None)
     return dumps(doc).encode()

@@ -22,6 +22,7 @@ from control.cni_config import (
     parse_cidr,
     parse_subnet_env,
     render_delegate,
+    route_gateways_filled,
     stored_delegate,
     version_json,
 )
@@ -162,6 +163,24 @@ def test_check_conf_adds_prev_result_to_the_stored_config() -> None:
     assert "prevResult" not in json.loads(check_conf(stored, None))
     assert stored_delegate(b"not json") is None
     assert stored_delegate(b'{"name":"n"}') is None  # no type: nothing to delegate to
+
+
+def test_check_names_the_gateway_of_gatewayless_routes() -> None:
+    # bridge installs "10.5.0.0/16 via 10.5.72.1"; Debian's plugins (1.1.1) compare the
+    # result's gw-less route literally on CHECK, so CHECK's prevResult names the gateway.
+    prev = {"cniVersion": "1.0.0",
+            "ips": [{"address": "10.5.72.2/24", "gateway": "10.5.72.1", "interface": 2},
+                    {"address": "fd00:0:0:12::2/64", "gateway": "fd00:0:0:12::1"}],
+            "routes": [{"dst": "10.5.0.0/16"}, {"dst": "0.0.0.0/0", "gw": "10.5.72.254"},
+                       {"dst": "fd00::/56"}, {"dst": "bogus"}]}
+    filled = route_gateways_filled(prev)
+    assert filled["routes"] == [{"dst": "10.5.0.0/16", "gw": "10.5.72.1"},
+                                {"dst": "0.0.0.0/0", "gw": "10.5.72.254"},
+                                {"dst": "fd00::/56", "gw": "fd00:0:0:12::1"}, {"dst": "bogus"}]
+    assert prev["routes"][0] == {"dst": "10.5.0.0/16"}  # the runtime's copy is untouched
+    assert route_gateways_filled({"cniVersion": "1.0.0"}) == {"cniVersion": "1.0.0"}
+    sent = json.loads(check_conf({"type": "bridge", "name": "n"}, prev))
+    assert sent["prevResult"]["routes"][0]["gw"] == "10.5.72.1"
 
 
 # ---- subnet.env variants --------------------------------------------------------------------
