@@ -1,25 +1,29 @@
-"""The packet engine: TUN <-> VXLAN over UDP, driven by asyncio reader callbacks.
+"""The packet engine: TUN <-> VXLAN over UDP, one loop per direction.
 
-Two callbacks run on the event loop (uvloop or plain asyncio), each draining
-up to ``batch`` ready packets per wake-up, with no await and no allocation
-beyond what a system call returns:
+``Engine(config, tun, udp)`` takes its devices (a :class:`dataplane.tun.TunDevice`
+and a :class:`dataplane.udp.UdpEndpoint`, or the fakes in tests/devices.py);
+:func:`open_engine` builds the real ones. Two reader callbacks run on the event
+loop (uvloop or plain asyncio), each draining up to ``batch`` reads per wake-up,
+with no await:
 
-- TUN readable: read ``vnet_hdr + IP`` into a preallocated slot at offset 12,
-  so the IP packet lands at offset 22; write VXLAN + Ethernet over the 10
-  vnet-header bytes and what precedes them; full-size packets to one peer fill
-  consecutive slots and leave in one UDP GSO ``sendmsg`` (else ``sendto``).
-- UDP readable: with UDP GRO, one ``recvmsg_into`` returns a batch of datagrams,
-  checked and merged per TCP flow into one GSO TUN write (userspace GRO);
-  without, ``recvfrom_into`` at offset 0; validate in place
-  (:func:`wire.check_frame`); write the vnet header over the VXLAN/Ethernet
-  bytes at 12..22 (:func:`vnet.fill_rx_vnet_hdr`); write ``buf[12:]`` to
-  the TUN.
-- Offload mode adds TUN TSO: one read is a ~64 KB super-packet, split into MSS
-  segments (full TCP checksums, or only the pseudo-header sum for a peer known
-  to be flannelette, :attr:`dataplane.fib.Peer.partial_csum`).
+- **tx** (TUN readable): the device fills a batch of IPv4 packets, each with
+  22 bytes of header room in front (with TSO on, a super-packet arrives already
+  cut into MSS segments). Per packet: check, look up the peer (one mask, one
+  dict access), complete a partial checksum unless the peer is a flannelette
+  node, write the peer's VXLAN + Ethernet prefix into the room. Back-to-back
+  packets of one size to one peer form a run that leaves in one UDP GSO call.
+- **rx** (UDP readable): one receive is one datagram or a GRO batch of them.
+  Per datagram: :func:`wire.check_frame`, the inner-source check (a peer may
+  only send from its own subnet), then either merged into a GSO super-packet
+  for one TUN write (userspace GRO; :meth:`Coalescer.extend` takes the rest of
+  a batch of one flow in one pass) or written alone with its vnet header
+  (:func:`vnet.fill_rx_vnet_hdr`) over the VXLAN/Ethernet bytes in front.
 
-Header room in front of the payload is what lets encapsulation and
-decapsulation happen without copying the packet.
+Counters are named (:class:`dataplane.stats.Counters`, per peer
+:class:`~dataplane.stats.PeerStats`) and move after the I/O succeeded; every
+failure is a drop under a :class:`DropReason`, counted per reason, peer and
+direction, and kept by the flight recorder. A tap (:mod:`dataplane.tap`) sees
+each packet's verdict while a capture or trace is attached.
 
 The engine never installs routes: the control plane routes the overlay (or
 each peer subnet) into the TUN. :meth:`set_peers` swaps one reference to a
@@ -29,23 +33,25 @@ table built from the whole peer set.
 from __future__ import annotations
 
 import asyncio
-import errno
 import ipaddress
-import os
-import socket
-import struct
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from dataplane import csum, gro, tso, tun, udp, vnet, wire
-from dataplane.errors import ConfigError, DeviceError
+from dataplane import csum, gro, vnet, wire
+from dataplane.errors import ConfigError
 from dataplane.fib import Fib, Peer
-from dataplane.stats import EngineStats, PeerCounters
-from dataplane.wire import DropReason, Frame
+from dataplane.recorder import FlightRecorder
+from dataplane.stats import Counters, EngineStats, PeerStats
+from dataplane.tap import TapHub, TapSubscriber
+from dataplane.tun import HEAD, TunDevice, TxBatch
+from dataplane.udp import GSO_MAX_SEGS, UDP_MAX, UdpEndpoint
+from dataplane.wire import ENCAP_HLEN, OFF_IP, DropReason, Frame
 
-_HEAD = wire.ENCAP_HLEN - vnet.VNET_HDR_LEN  # 12: where a TUN read starts in the buffer
-_BUF = 65536 + 64
+_RX_BUF = 65536 + 64
 _ZERO_VNET = bytes(vnet.VNET_HDR_LEN)
+TX = "tx"
+RX = "rx"
 
 
 @dataclass(frozen=True)
@@ -59,17 +65,19 @@ class EngineConfig:
     mtu: int = 1450  # TUN MTU = external MTU - 50
     tun_name: str | None = None  # default f"flannel.{vni}"
     port: int = wire.VXLAN_PORT
-    batch: int = 256  # packets drained per reader wake-up before yielding to the loop
+    batch: int = 256  # reads drained per reader wake-up before yielding to the loop
     tun_txqueuelen: int | None = 1000  # the TUN default (500) overflows under TCP bursts
-    socket_buffer: int = udp.BUFFER_BYTES
-    # TUN TSO + UDP GSO/GRO + userspace GRO: one system call moves up to ~64 KB.
+    socket_buffer: int = 4 << 20
+    # TUN TSO: one TUN read is a ~64 KB super-packet, cut into MSS segments here.
     offload: bool = False
-    # Receive with UDP GRO + userspace GRO even without ``offload`` (it needs no TUN
-    # offload: the TUN accepts GSO writes anyway); skipped if the kernel refuses UDP_GRO.
+    # Receive with UDP GRO + userspace GRO (needs no TUN offload: the TUN accepts GSO
+    # writes anyway); skipped if the kernel refuses UDP_GRO.
     rx_gro: bool = True
-    # Without ``offload``: full-size packets to one peer that one wake-up drains are sent
-    # with one UDP GSO call (the receiver sees ordinary datagrams).
+    # Full-size packets to one peer drained in one wake-up leave in one UDP GSO call
+    # (the receiver sees ordinary datagrams).
     tx_gso: bool = True
+    # Drop datagrams from a peer whose inner IPv4 source lies outside that peer's subnet.
+    check_inner_source: bool = True
 
     def __post_init__(self) -> None:
         if len(self.vtep_mac) != 6 or self.vtep_mac[0] & 1:
@@ -90,17 +98,30 @@ class EngineConfig:
     def device_name(self) -> str:
         return self.tun_name or f"flannel.{self.vni}"
 
+    @property
+    def tx_slots(self) -> int:
+        """Packet slots per TUN batch: one UDP GSO run's worth, or one without GSO."""
+        return max(1, min(GSO_MAX_SEGS, UDP_MAX // (ENCAP_HLEN + self.mtu))) if self.tx_gso else 1
 
-# Per tunnelled peer, what the hot path needs: (VtepMAC, sendto address, counters,
-# VXLAN + Ethernet prefix, peer accepts partial TCP checksums).
-# counters = [tx_packets, tx_bytes, rx_packets, rx_bytes]
-_Route = tuple[bytes, tuple[str, int], list[int], bytes, bool]
-SOL_UDP = 17
-UDP_SEGMENT = 103  # missing from Python 3.11's socket module
-UDP_GRO = 104
-_GSO_MAX_SEGS = 64
-_UDP_MAX = 65507
-_CMSG_GRO = socket.CMSG_SPACE(4)
+
+class Route:
+    """What the packet path needs of one tunnelled peer, built once per peer set."""
+
+    __slots__ = ("addr", "key", "mac", "mac_text", "net", "partial", "peer", "prefix",
+                 "public_ip", "stats")
+
+    def __init__(self, peer: Peer, vtep_mac: bytes, prefix: bytes, port: int,
+                 stats: PeerStats) -> None:
+        self.peer = peer
+        self.key = str(peer.subnet)  # counters, drops and taps name the peer by its subnet
+        self.public_ip = str(peer.public_ip)
+        self.addr = (self.public_ip, port)  # sendto() address
+        self.mac = vtep_mac
+        self.mac_text = wire.mac_to_str(vtep_mac)
+        self.net = int(peer.subnet.network_address)  # the inner-source check
+        self.prefix = prefix  # VXLAN + Ethernet header for datagrams to this peer
+        self.partial = peer.partial_csum  # peer completes partial TCP checksums
+        self.stats = stats
 
 
 @dataclass(frozen=True)
@@ -109,95 +130,109 @@ class _Table:
 
     fib: Fib
     mask: int
-    tx: dict[int, _Route]  # masked destination -> route
-    rx: dict[str, _Route]  # peer PublicIP string -> route
+    tx: dict[int, Route]  # masked destination -> route
+    rx: dict[str, Route]  # peer PublicIP string -> route
+
+
+def open_devices(config: EngineConfig) -> tuple[TunDevice, UdpEndpoint]:
+    """The real TUN device and UDP endpoint for ``config`` (not yet configured)."""
+    tun = TunDevice.open(config.device_name, offload=config.offload)
+    try:
+        udp = UdpEndpoint.open(str(config.public_ip), config.port, config.socket_buffer,
+                               gro=config.rx_gro or config.offload, gso=True)
+    except BaseException:
+        tun.close()
+        raise
+    return tun, udp
+
+
+async def open_engine(config: EngineConfig) -> Engine:
+    """A started engine on real devices: TUN created and configured, UDP bound."""
+    engine = Engine(config)
+    await engine.start()
+    return engine
 
 
 class Engine:
-    """A userspace VXLAN endpoint on one TUN device and one UDP socket."""
+    """A userspace VXLAN endpoint on one TUN device and one UDP endpoint."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, tun: TunDevice | None = None,
+                 udp: UdpEndpoint | None = None) -> None:
         self.config = config
+        self._tun = tun
+        self._udp = udp
+        self._owns_devices = tun is None
         self._vxlan = wire.vxlan_header(config.vni)
         self._own_mac = config.vtep_mac
+        self._eth_tail = config.vtep_mac + wire.ETH_P_IP.to_bytes(2, "big")
         self._table = _Table(Fib.build(()), 0xFFFFFFFF, {}, {})
-        self._counters: dict[str, list[int]] = {}
+        self._peer_stats: dict[str, PeerStats] = {}
+        self._c = Counters()
         self._drops: dict[DropReason, int] = dict.fromkeys(DropReason, 0)
-        # [tun_packets, udp_packets, tun_wakeups, udp_wakeups, tun_max, udp_max,
-        #  arp_replies, icmp, rx_csum_partial, rx_gso, tx_csum_partial]
-        self._n = [0] * 11
-        self._tun_fd = -1
-        self._sock: socket.socket | None = None
+        self._peer_drops: dict[tuple[str, str, str], int] = {}
+        self.recorder = FlightRecorder()
+        self._tap: TapHub | None = None
+        self._taps = TapHub()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tun_name = config.device_name
-        # TUN -> UDP buffer: VXLAN header written once at 0..8, reads land at _HEAD.
-        # Without offload, packets are read into slots of one datagram each (VXLAN +
-        # Ethernet + MTU), so full-size packets to one peer lie back to back, ready for
-        # one UDP GSO send; every slot's view runs to the end (room for any read).
-        self._stride = wire.ENCAP_HLEN + config.mtu
-        nslots = max(1, min(_GSO_MAX_SEGS, _UDP_MAX // self._stride)) if config.tx_gso else 1
-        self._txbuf = bytearray(nslots * self._stride + _BUF)
-        self._txbuf[0:wire.VXLAN_HLEN] = self._vxlan
-        self._txview = memoryview(self._txbuf)
-        self._txin = [self._txview[_HEAD:]]
-        self._slots = [[self._txview[i * self._stride + _HEAD:]] for i in range(nslots)]
-        self._eth_tail = self._own_mac + wire.ETH_P_IP.to_bytes(2, "big")  # bytes 14..22
-        # UDP -> TUN buffer.
-        self._rxbuf = bytearray(_BUF)
+        self._txb = TxBatch(config.mtu, config.tx_slots, config.offload)
+        self._max_tun = 65535 if config.offload else config.mtu
+        self._rxbuf = bytearray(_RX_BUF)
         self._rxview = memoryview(self._rxbuf)
-        # Offload mode: TSO segments are built here; GRO merges into the coalescer.
-        self._segbuf = bytearray(2 * _BUF) if config.offload else bytearray()
-        self._segview = memoryview(self._segbuf)
-        self._gro = gro.Coalescer() if config.offload or config.rx_gro else None
-        self._udp_gso = True  # cleared when the kernel refuses UDP_SEGMENT
+        self._rxbufs = [self._rxview]
+        self._gro: gro.Coalescer | None = None
+        self._readers: list[int] = []
 
-    # ---- public API -------------------------------------------------------------------
+    # ---- lifecycle --------------------------------------------------------------------
     @property
     def tun_name(self) -> str:
-        return self._tun_name
+        return self._tun.name if self._tun is not None else self.config.device_name
 
     async def start(self) -> None:
-        """Open and configure the TUN, bind the UDP socket, register the readers."""
+        """Open (if none were passed in) and configure the devices; register the readers."""
         cfg = self.config
         self._loop = asyncio.get_running_loop()
-        self._tun_fd, self._tun_name = tun.open_tun(self._tun_name, vnet_hdr=True)
-        try:
-            await tun.configure(self._tun_name, f"{cfg.subnet.network_address}/32", cfg.mtu,
-                                cfg.tun_txqueuelen)
-            self._sock = udp.open_udp(str(cfg.public_ip), cfg.port, cfg.socket_buffer)
-            if cfg.offload:
-                tun.set_offload(self._tun_fd, tun.TUN_F_CSUM | tun.TUN_F_TSO4
-                                | tun.TUN_F_TSO6 | tun.TUN_F_TSO_ECN)
-            rx_gro = cfg.offload or cfg.rx_gro
-            if rx_gro:
-                try:
-                    self._sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-                except OSError as e:
-                    if cfg.offload:
-                        raise DeviceError(f"UDP_GRO refused: {e.strerror}") from None
-                    rx_gro = False  # an old kernel: one datagram per receive
-        except BaseException:
-            await self.close()
-            raise
-        self._loop.add_reader(self._tun_fd, self._on_tun_offload if cfg.offload else self._on_tun)
-        self._loop.add_reader(self._sock.fileno(), self._on_udp_offload if rx_gro else self._on_udp)
+        if self._tun is None or self._udp is None:
+            self._tun, self._udp = open_devices(cfg)
+            try:
+                await self._tun.configure(f"{cfg.subnet.network_address}/32", cfg.mtu,
+                                          cfg.tun_txqueuelen)
+            except BaseException:
+                await self.close()
+                raise
+        if self._udp.gro:
+            self._gro = gro.Coalescer()
+        for fd, cb in ((self._tun.fileno(), self._on_tun), (self._udp.fileno(), self._on_udp)):
+            if fd >= 0:
+                self._loop.add_reader(fd, cb)
+                self._readers.append(fd)
 
+    async def close(self) -> None:
+        """Unregister the readers; close the devices we opened (closing the TUN deletes it)."""
+        if self._loop is not None:
+            for fd in self._readers:
+                self._loop.remove_reader(fd)
+        self._readers.clear()
+        if self._owns_devices:
+            if self._tun is not None:
+                self._tun.close()
+            if self._udp is not None:
+                self._udp.close()
+
+    # ---- peers and counters -------------------------------------------------------------
     def set_peers(self, peers: Iterable[Peer]) -> None:
         """Replace the whole peer set at once; only Path.VXLAN peers are tunnelled."""
         fib = Fib.build(peers)
-        counters: dict[str, list[int]] = {}
-        tx: dict[int, _Route] = {}
-        rx: dict[str, _Route] = {}
+        stats: dict[str, PeerStats] = {}
+        tx: dict[int, Route] = {}
+        rx: dict[str, Route] = {}
         for key, e in fib.entries.items():
             name = str(e.peer.subnet)
-            c = self._counters.get(name) or [0, 0, 0, 0]
-            counters[name] = c
-            prefix = self._vxlan + e.vtep_mac + self._eth_tail
-            route: _Route = (e.vtep_mac, (e.public_ip_str, self.config.port), c, prefix,
-                             e.peer.partial_csum)
+            st = stats[name] = self._peer_stats.get(name) or PeerStats()
+            route = Route(e.peer, e.vtep_mac, self._vxlan + e.vtep_mac + self._eth_tail,
+                          self.config.port, st)
             tx[key] = route
             rx[e.public_ip_str] = route
-        self._counters = counters
+        self._peer_stats = stats
         self._table = _Table(fib, fib.mask, tx, rx)
 
     @property
@@ -206,367 +241,342 @@ class Engine:
 
     def snapshot(self) -> EngineStats:
         """A frozen copy of every counter."""
-        n = self._n
+        c = self._c.as_dict()
+        c["tx_gso_sends"] = self._udp.gso_sends if self._udp is not None else 0
+        c["tap_records"] = self._taps.records
+        c["tap_records_lost"] = self._taps.lost
         return EngineStats(
-            peers={k: PeerCounters(*c) for k, c in self._counters.items()},
+            peers={k: s.freeze() for k, s in self._peer_stats.items()},
             drops={r.value: v for r, v in self._drops.items()},
-            tun_packets=n[0], udp_packets=n[1], tun_wakeups=n[2], udp_wakeups=n[3],
-            tun_max_batch=n[4], udp_max_batch=n[5], arp_replies=n[6], icmp_unreachable=n[7],
-            rx_csum_partial=n[8], rx_gso=n[9], tx_csum_partial=n[10],
-        )
+            peer_drops=dict(self._peer_drops), **c)
 
-    async def close(self) -> None:
-        """Unregister the readers and close the TUN (which deletes it) and the socket."""
-        loop = self._loop
-        if self._tun_fd >= 0:
-            if loop is not None:
-                loop.remove_reader(self._tun_fd)
-            os.close(self._tun_fd)
-            self._tun_fd = -1
-        if self._sock is not None:
-            if loop is not None:
-                loop.remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
+    # ---- taps -------------------------------------------------------------------------
+    def add_tap(self, sub: TapSubscriber) -> None:
+        """Attach a capture/trace; the loops start emitting records at their next batch."""
+        self._taps.prune()
+        self._taps.subscribers.append(sub)
+        self._tap = self._taps
 
-    # ---- hot path: TUN -> UDP ---------------------------------------------------------
+    def remove_tap(self, sub: TapSubscriber) -> None:
+        sub.done = True
+        self._taps.prune()
+        if not self._taps.subscribers:
+            self._tap = None
+
+    @property
+    def taps_active(self) -> int:
+        return sum(1 for s in self._taps.subscribers if not s.done)
+
+    # ---- drops (cold path: counted, recorded, tapped) ------------------------------------
+    def _drop(self, reason: DropReason, direction: str, route: Route | None,
+              data: bytes | bytearray | memoryview | None, outer_src: str = "",
+              count: int = 1) -> None:
+        self._drops[reason] += count
+        peer = route.key if route is not None else "-"
+        key = (reason.value, peer, direction)
+        self._peer_drops[key] = self._peer_drops.get(key, 0) + count
+        self.recorder.record(time.time_ns(), reason.value, direction,
+                             route.key if route is not None else "", outer_src, data, count)
+        tap = self._tap
+        if tap is not None:
+            if direction == TX:
+                tap.emit(TX, "dropped", reason.value, "", peer if route else "",
+                         route.public_ip if route else "", route.mac_text if route else "",
+                         data, None, "", "", 0, 0)
+            else:
+                tap.emit(RX, "dropped", reason.value, "", peer if route else "",
+                         route.public_ip if route else "", route.mac_text if route else "",
+                         None, data, outer_src, str(self.config.public_ip), 0,
+                         self.config.port)
+
+    # ---- tx: TUN -> UDP -------------------------------------------------------------------
     def _on_tun(self) -> None:
-        """Drain the TUN; full-size packets to one peer go out in one UDP GSO send.
-
-        Packet k of a run lands in slot k (stride VXLAN + Ethernet + MTU), its
-        22-byte prefix written over the vnet header in front of it; a run ends at a
-        shorter packet (GSO allows only the last one shorter), another peer, a full
-        slot table or the end of the drain, and is sent with one ``sendmsg``.
-        """
-        fd, slots, buf = self._tun_fd, self._slots, self._txbuf
-        sock = self._sock
-        if sock is None:
+        """Drain the TUN; runs of back-to-back packets to one peer leave in one GSO call."""
+        tun, b = self._tun, self._txb
+        if tun is None:
             return
+        buf, view = b.buf, b.view
+        off, size, csums = b.off, b.size, b.csum
         table = self._table
         tx, mask = table.tx, table.mask
-        readv, check, from_bytes = os.readv, wire.check_tun_packet, int.from_bytes
-        drops, mtu, stride = self._drops, self.config.mtu, self._stride
-        nslots = len(slots)
-        full = mtu + vnet.VNET_HDR_LEN
-        count = 0
-        batch = self.config.batch
-        start = nxt = 0  # the pending run is slots start..nxt-1
-        run: _Route | None = None
-        while count < batch:
-            if nxt == nslots:
-                if run is not None:
-                    self._send_run(sock, start * stride, nxt * stride, run)
-                start = nxt = 0
-                run = None
-            try:
-                n = readv(fd, slots[nxt])
-            except BlockingIOError:
+        check, from_bytes, complete = wire.check_tun_packet, int.from_bytes, csum.complete_checksum
+        c, maxlen, flush = self._c, self._max_tun, self._flush
+        tap = self._tap
+        total = 0
+        limit = self.config.batch
+        while total < limit:
+            k = tun.read_batch(b)
+            if b.error is not None:
+                self._drop(b.error, TX, None, None)
+            for reason, o, n in b.rejects:
+                self._drop(reason, TX, None, b.super_view[o:o + n])
+            if b.splits:
+                c.tso_splits += len(b.splits)
+                c.tso_segments += sum(n for _, n in b.splits)
+            if b.reads == 0:
                 break
-            except OSError:
-                drops[DropReason.TRUNCATED] += 1
-                break
-            count += 1
-            base = nxt * stride
-            plen = n - vnet.VNET_HDR_LEN
-            bad = check(buf, base + wire.OFF_IP, plen, mtu)
-            if bad is not None:
-                drops[bad] += 1
-                continue
-            route = tx.get(from_bytes(buf[base + 38:base + 42], "big") & mask)
-            if route is None:
-                self._unreachable(plen, base)
-                continue
-            if route is not run:
-                if run is not None:
-                    self._send_run(sock, start * stride, base, run)
-                start = nxt
-                run = route
-            buf[base:base + wire.ENCAP_HLEN] = route[3]
-            c = route[2]
-            c[0] += 1
-            c[1] += plen
-            nxt += 1
-            if n != full:  # shorter: the last of its run
-                self._send_run(sock, start * stride, base + wire.ENCAP_HLEN + plen, route)
-                start = nxt = 0
-                run = None
-        if run is not None:
-            self._send_run(sock, start * stride, nxt * stride, run)
-        nn = self._n
-        nn[0] += count
-        nn[2] += 1
-        if count > nn[4]:
-            nn[4] = count
+            total += b.reads
+            run: Route | None = None
+            first = end = seglen = npk = nby = i0 = 0
+            for i in range(k):
+                o = off[i]
+                plen = size[i]
+                ip = o + ENCAP_HLEN
+                bad = check(buf, ip, plen, maxlen)
+                if bad is not None:
+                    self._drop(bad, TX, None, view[ip:ip + max(plen, 0)])
+                    continue
+                route = tx.get(from_bytes(buf[ip + 16:ip + 20], "big") & mask)
+                if route is None:
+                    self._unreachable(ip, plen)
+                    continue
+                cs = csums[i]
+                if cs:
+                    if route.partial:
+                        c.tx_csum_partial += 1
+                    else:
+                        complete(buf, ip, plen, cs >> 8, cs & 0xFF)
+                        c.tx_csum_completed += 1
+                buf[o:ip] = route.prefix
+                dlen = plen + ENCAP_HLEN
+                if (route is not run or o != end or dlen > seglen or npk == GSO_MAX_SEGS
+                        or end + dlen - first > UDP_MAX):
+                    if run is not None:
+                        flush(run, first, end, seglen, npk, nby, i0)
+                    run, first, seglen, npk, nby, i0 = route, o, dlen, 0, 0, i
+                end = o + dlen
+                npk += 1
+                nby += plen
+                if dlen < seglen:  # shorter: the last datagram its run may have
+                    flush(run, first, end, seglen, npk, nby, i0)
+                    run = None
+            if run is not None:
+                flush(run, first, end, seglen, npk, nby, i0)
+            if tap is not None and b.splits:
+                self._tap_splits(b)
+            if b.error is not None or (k < b.nslots and not b.splits and not b.rejects):
+                break  # drained (or failing): wait for the next wake-up
+        c.tun_packets += total
+        c.tun_wakeups += 1
+        if total > c.tun_max_batch:
+            c.tun_max_batch = total
 
-    def _send_run(self, sock: socket.socket, first: int, end: int, route: _Route) -> None:
-        """Send ``txbuf[first:end]``: one datagram, or a run of stride-sized ones via GSO."""
-        if end - first <= self._stride:
-            try:
-                sock.sendto(self._txview[first:end], route[1])
-            except OSError:
-                self._drops[DropReason.SEND_FAILED] += 1
+    def _flush(self, route: Route, first: int, end: int, seglen: int, npk: int, nby: int,
+               i0: int) -> None:
+        """Send one run (``npk`` datagrams, ``nby`` inner bytes); count what left."""
+        assert self._udp is not None
+        sent, nbytes = self._udp.send_run(self._txb.view[first:end], seglen, route.addr)
+        st = route.stats
+        if sent == npk:
+            st.tx_packets += npk
+            st.tx_bytes += nby
+        else:
+            st.tx_packets += sent
+            st.tx_bytes += nbytes - sent * ENCAP_HLEN
+            self._drop(DropReason.SEND_FAILED, TX, route, None, count=npk - sent)
+        tap = self._tap
+        if tap is not None:
+            self._tap_run(tap, route, i0, npk, sent == npk, seglen)
+
+    def _tap_run(self, tap: TapHub, route: Route, i0: int, npk: int, ok: bool,
+                 seglen: int) -> None:
+        b = self._txb
+        view, port, me = b.view, self.config.port, str(self.config.public_ip)
+        rule = f"UDP GSO send of {npk} datagrams of {seglen} bytes" if npk > 1 else ""
+        for i in range(i0, i0 + npk):
+            o, plen = b.off[i], b.size[i]
+            cs = b.csum[i]
+            r = rule
+            if cs:
+                r = ("inner checksum left partial (flannelette peer)" if route.partial
+                     else "inner checksum completed") + (f"; {rule}" if rule else "")
+            inner = view[o + ENCAP_HLEN:o + ENCAP_HLEN + plen]
+            outer = view[o:o + ENCAP_HLEN + plen]
+            if ok:
+                tap.emit(TX, "forwarded", "", r, route.key, route.public_ip, route.mac_text,
+                         inner, outer, me, route.public_ip, port, port)
+            else:
+                tap.emit(TX, "dropped", DropReason.SEND_FAILED.value, r, route.key,
+                         route.public_ip, route.mac_text, inner, outer, me, route.public_ip,
+                         port, port)
+
+    def _tap_splits(self, b: TxBatch) -> None:
+        """Trace lines for TSO: one record per super-packet saying how it was cut."""
+        tap = self._tap
+        if tap is None:
             return
-        self._send_segments(sock, end - first, self._stride, route[1], self._txview[first:end])
+        for first, segs in b.splits:
+            o, plen = b.off[first], b.size[first]
+            tap.emit(TX, "forwarded", "", f"TSO split into {segs} segments", "", "", "",
+                     b.view[o + ENCAP_HLEN:o + ENCAP_HLEN + plen], None, "", "", 0, 0)
 
-    def _unreachable(self, plen: int, base: int = 0) -> None:
+    def _unreachable(self, ip: int, plen: int) -> None:
         """No peer owns the destination: count it and answer ICMP host unreachable.
 
         The error comes from the address a VTEP for the destination's subnet would
         have (its network address), not from our TUN address: the kernel drops
         packets arriving with one of its own addresses as source.
         """
-        self._drops[DropReason.NO_ROUTE] += 1
-        dst = int.from_bytes(self._txbuf[base + 38:base + 42], "big") & self._table.mask
-        ip = base + wire.OFF_IP
-        reply = wire.icmp_unreachable(self._txview[ip:ip + plen],
-                                      dst.to_bytes(4, "big"))
-        if reply is None:
+        view = self._txb.view
+        packet = view[ip:ip + plen]
+        self._drop(DropReason.NO_ROUTE, TX, None, packet)
+        dst = int.from_bytes(view[ip + 16:ip + 20], "big") & self._table.mask
+        reply = wire.icmp_unreachable(packet, dst.to_bytes(4, "big"))
+        if reply is None or self._tun is None:
             return
-        try:
-            os.write(self._tun_fd, _ZERO_VNET + reply)
-            self._n[7] += 1
-        except OSError:
-            self._drops[DropReason.TUN_WRITE_FAILED] += 1
+        if self._tun.write(_ZERO_VNET + reply):
+            self._c.icmp_unreachable += 1
+        else:
+            self._drop(DropReason.TUN_WRITE_FAILED, RX, None, reply)
 
-    # ---- hot path: UDP -> TUN ---------------------------------------------------------
+    # ---- rx: UDP -> TUN ---------------------------------------------------------------------
     def _on_udp(self) -> None:
-        sock = self._sock
-        if sock is None:
+        """Drain the UDP endpoint; each datagram checked, merged or written alone."""
+        udp, tun = self._udp, self._tun
+        if udp is None or tun is None:
             return
-        buf, view, fd = self._rxbuf, self._rxview, self._tun_fd
-        rx = self._table.rx
-        recv, write, check, fill = (sock.recvfrom_into, os.write, wire.check_frame,
-                                    vnet.fill_rx_vnet_hdr)
-        vx, own, mtu, drops, nn = self._vxlan, self._own_mac, self.config.mtu, self._drops, self._n
-        dontwait = socket.MSG_DONTWAIT
-        count = 0
-        batch = self.config.batch
-        while count < batch:
-            try:
-                n, addr = recv(buf, 0, dontwait)
-            except BlockingIOError:
-                break
-            except OSError:
-                break
-            count += 1
-            route = rx.get(addr[0])
-            verdict = check(buf, n, vx, own, mtu, route is not None)
-            if verdict is Frame.IPV4:
-                ip_len = (buf[24] << 8) | buf[25]
-                kind = fill(buf, _HEAD, wire.OFF_IP, ip_len, mtu)
-                try:
-                    write(fd, view[_HEAD:wire.OFF_IP + ip_len])
-                except OSError:
-                    drops[DropReason.TUN_WRITE_FAILED] += 1
-                    continue
-                if kind:
-                    nn[7 + kind] += 1
-                if route is not None:  # always: check_frame refused unknown peers
-                    c = route[2]
-                    c[2] += 1
-                    c[3] += ip_len
-            elif verdict is Frame.ARP:
-                self._arp(n, addr[0])
-            else:
-                drops[verdict] += 1
-        nn[1] += count
-        nn[3] += 1
-        if count > nn[5]:
-            nn[5] = count
-
-    def _arp(self, n: int, src: str) -> None:
-        """Answer an ARP request for an address of our subnet (kernel peers w/o neighbour)."""
-        answer = wire.arp_answer(self._vxlan, self._own_mac, self.config.subnet,
-                                 bytes(self._rxbuf[wire.OFF_IP:n]))
-        if isinstance(answer, DropReason):
-            self._drops[answer] += 1
-            return
-        assert self._sock is not None
-        try:
-            self._sock.sendto(answer, (src, self.config.port))
-            self._n[6] += 1
-        except OSError:
-            self._drops[DropReason.SEND_FAILED] += 1
-
-    # ---- offload mode: TUN TSO + UDP GSO out, UDP GRO + userspace GRO in -----------------
-    def _on_tun_offload(self) -> None:
-        """Read TSO super-packets; split into MSS segments; one UDP GSO send per ~64 KB."""
-        sock = self._sock
-        if sock is None:
-            return
-        fd, bufs, buf, view = self._tun_fd, self._txin, self._txbuf, self._txview
+        coalescer = self._gro
+        buf, view, bufs = self._rxbuf, self._rxview, self._rxbufs
         table = self._table
-        tx, mask = table.tx, table.mask
-        drops, eth_tail = self._drops, self._eth_tail
-        unpack = vnet.VNET_HDR.unpack_from
+        rx, mask = table.rx, table.mask
+        recv, write, check, fill = udp.recv, tun.write, wire.check_frame, vnet.fill_rx_vnet_hdr
+        from_bytes = int.from_bytes
+        vx, own, mtu, c = self._vxlan, self._own_mac, self.config.mtu, self._c
+        spoof = self.config.check_inner_source
+        tap = self._tap
         count = 0
-        batch = self.config.batch
-        while count < batch:
-            try:
-                n = os.readv(fd, bufs)
-            except BlockingIOError:
-                break
-            except OSError:
-                drops[DropReason.TRUNCATED] += 1
+        limit = self.config.batch
+        while count < limit:
+            n, step, src = recv(bufs)
+            if n < 0:
+                if n == -2:
+                    self._drop(DropReason.UDP_RECV_FAILED, RX, None, None)
                 break
             count += 1
-            plen = n - vnet.VNET_HDR_LEN
-            bad = wire.check_tun_packet(buf, wire.OFF_IP, plen, 65535)
-            if bad is not None:
-                drops[bad] += 1
-                continue
-            route = tx.get(int.from_bytes(buf[38:42], "big") & mask)
-            if route is None:
-                self._unreachable(plen)
-                continue
-            flags, gso_type, _, gso_size, csum_start, csum_off = unpack(buf, _HEAD)
-            c = route[2]
-            if gso_type == vnet.GSO_NONE:
-                if flags & vnet.F_NEEDS_CSUM and not route[4]:
-                    csum.complete_checksum(buf, wire.OFF_IP, plen, csum_start, csum_off)
-                buf[8:14] = route[0]
-                buf[14:22] = eth_tail
-                try:
-                    sock.sendto(view[:n + _HEAD], route[1])
-                except OSError:
-                    drops[DropReason.SEND_FAILED] += 1
-                    continue
-                c[0] += 1
-                c[1] += plen
-            elif gso_type & ~vnet.GSO_ECN == vnet.GSO_TCPV4 and gso_size > 0:
-                used, segs, seglen = tso.tso_split(buf, wire.OFF_IP, plen, gso_size,
-                                                       self._segbuf, route[3], route[4])
-                self._send_segments(sock, used, seglen, route[1])
-                if route[4]:
-                    self._n[10] += segs
-                c[0] += segs
-                c[1] += used - segs * wire.ENCAP_HLEN
-            else:
-                drops[DropReason.OVERSIZE] += 1
-        nn = self._n
-        nn[0] += count
-        nn[2] += 1
-        if count > nn[4]:
-            nn[4] = count
-
-    def _send_segments(self, sock: socket.socket, used: int, seglen: int,
-                       addr: tuple[str, int], view: memoryview | None = None) -> None:
-        """Send ``view[:used]`` (default the TSO segment buffer; datagrams of ``seglen``,
-        the last shorter) to ``addr``: UDP GSO, per datagram if the kernel refuses it."""
-        if view is None:
-            view = self._segview
-        per_call = min(_GSO_MAX_SEGS, _UDP_MAX // seglen) * seglen
-        off = 0
-        while off < used:
-            chunk = min(used - off, per_call)
-            if self._udp_gso:
-                try:
-                    sock.sendmsg([view[off:off + chunk]],
-                                 [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", seglen))], 0, addr)
-                    off += chunk
-                    continue
-                except OSError as e:
-                    if e.errno not in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP):
-                        self._drops[DropReason.SEND_FAILED] += 1
-                        off += chunk
-                        continue
-                    self._udp_gso = False  # no UDP GSO here: one datagram per segment
-            end = off + chunk
-            while off < end:
-                try:
-                    sock.sendto(view[off:min(off + seglen, end)], addr)
-                except OSError:
-                    self._drops[DropReason.SEND_FAILED] += 1
-                off += seglen
-
-    def _on_udp_offload(self) -> None:
-        """Receive GRO batches; check each datagram; merge TCP segments for the TUN."""
-        sock, gro = self._sock, self._gro
-        if sock is None or gro is None:
-            return
-        buf, view, fd = self._rxbuf, self._rxview, self._tun_fd
-        rx = self._table.rx
-        recvmsg, write, check, fill = (sock.recvmsg_into, os.write, wire.check_frame,
-                                       vnet.fill_rx_vnet_hdr)
-        vx, own, mtu, drops, nn = self._vxlan, self._own_mac, self.config.mtu, self._drops, self._n
-        bufs = [view]
-        dontwait = socket.MSG_DONTWAIT
-        count = 0
-        batch = self.config.batch
-        while count < batch:
-            try:
-                n, anc, _, addr = recvmsg(bufs, _CMSG_GRO, dontwait)
-            except BlockingIOError:
-                break
-            except OSError:
-                break
-            count += 1
-            step = n
-            if anc and n > wire.OFF_IP + 4:
-                level, kind, data = anc[0]
-                if level == SOL_UDP and kind == UDP_GRO:
-                    step = struct.unpack("=i", data[:4])[0] or n
-                    # A kernel VXLAN sender's ~64 KB datagram carries its inner MSS as
-                    # gso_size: one frame, not a batch (its IP length covers it all).
-                    if wire.OFF_IP + ((buf[24] << 8) | buf[25]) >= n:
-                        step = n
-            route = rx.get(addr[0])
+            # A kernel VXLAN sender's ~64 KB datagram carries its inner MSS as the GRO
+            # segment size: one frame, not a batch (its IP length covers it all).
+            if step != n and n > OFF_IP + 4 and OFF_IP + ((buf[24] << 8) | buf[25]) >= n:
+                step = n
+            route = rx.get(src)
             known = route is not None
+            held = held_by = 0  # segments (and their inner bytes) in the coalescer
             off = 0
             while off < n or off == 0:  # once at least: an empty datagram is counted too
-                seg_n = min(step, n - off)
+                seg_n = step if off + step <= n else n - off
                 seg = view[off:off + seg_n] if step != n else view
                 off += step or 1
                 verdict = check(seg, seg_n, vx, own, mtu, known)
                 if verdict is Frame.IPV4:
+                    assert route is not None  # check_frame refuses unknown sources
+                    if spoof and from_bytes(seg[34:38], "big") & mask != route.net:
+                        self._drop(DropReason.SPOOFED_INNER_SOURCE, RX, route, seg, src)
+                        continue
                     ip_len = (seg[24] << 8) | seg[25]
-                    if route is not None:
-                        c = route[2]
-                        c[2] += 1
-                        c[3] += ip_len
-                    if not (gro.ip_len and gro.append(seg, wire.OFF_IP, ip_len)):
-                        if gro.ip_len:
-                            self._write_gro(fd, gro.finish(mtu))
-                        if not gro.can_start(seg, wire.OFF_IP, ip_len, mtu):
-                            kind = fill(seg, _HEAD, wire.OFF_IP, ip_len, mtu)
-                            try:
-                                write(fd, seg[_HEAD:wire.OFF_IP + ip_len])
-                            except OSError:
-                                drops[DropReason.TUN_WRITE_FAILED] += 1
-                                continue
-                            if kind:
-                                nn[7 + kind] += 1
-                            continue
-                        gro.start(seg, wire.OFF_IP, ip_len)
-                    if off < n:  # the rest of the GRO batch: same flow, few comparisons
-                        off, taken, nbytes = gro.extend(view, off, n, step,
-                                                        bytes(seg[:wire.OFF_IP]))
-                        if taken and route is not None:
-                            c = route[2]
-                            c[2] += taken
-                            c[3] += nbytes
-                    continue
-                elif verdict is Frame.ARP:
-                    if step == n:
-                        self._arp(n, addr[0])
+                    if coalescer is None:
+                        kind = fill(seg, HEAD, OFF_IP, ip_len, mtu)
+                        if write(seg[HEAD:OFF_IP + ip_len]):
+                            self._count_rx(route, 1, ip_len, kind)
+                            if tap is not None:
+                                self._tap_rx(tap, route, seg[:OFF_IP + ip_len], src, kind, 1)
+                        else:
+                            self._drop(DropReason.TUN_WRITE_FAILED, RX, route, seg, src)
+                        continue
+                    if held and coalescer.append(seg, OFF_IP, ip_len):
+                        held += 1
+                        held_by += ip_len
+                        if tap is not None:
+                            self._tap_rx(tap, route, seg[:OFF_IP + ip_len], src, -1, 0)
                     else:
-                        drops[DropReason.ARP_IGNORED] += 1
+                        if held:
+                            self._write_held(route, held, held_by, src)
+                            held = held_by = 0
+                        if not coalescer.can_start(seg, OFF_IP, ip_len, mtu):
+                            kind = fill(seg, HEAD, OFF_IP, ip_len, mtu)
+                            if write(seg[HEAD:OFF_IP + ip_len]):
+                                self._count_rx(route, 1, ip_len, kind)
+                                if tap is not None:
+                                    self._tap_rx(tap, route, seg[:OFF_IP + ip_len], src, kind,
+                                                 1)
+                            else:
+                                self._drop(DropReason.TUN_WRITE_FAILED, RX, route, seg, src)
+                            continue
+                        coalescer.start(seg, OFF_IP, ip_len)
+                        held, held_by = 1, ip_len
+                        if tap is not None:
+                            self._tap_rx(tap, route, seg[:OFF_IP + ip_len], src, -1, 0)
+                    if off < n:  # the rest of the GRO batch: same flow, few comparisons
+                        start = off
+                        off, taken, nbytes = coalescer.extend(view, off, n, step,
+                                                              bytes(seg[:OFF_IP]))
+                        held += taken
+                        held_by += nbytes
+                        if taken and tap is not None:
+                            for s in range(start, off, step):
+                                d = view[s:s + step]
+                                self._tap_rx(tap, route, d[:OFF_IP + ((d[24] << 8) | d[25])],
+                                             src, -1, 0)
+                elif verdict is Frame.ARP:
+                    self._arp(seg, seg_n, src, route)
                 else:
-                    drops[verdict] += 1
-            if gro.ip_len:
-                self._write_gro(fd, gro.finish(mtu))
-        nn[1] += count
-        nn[3] += 1
-        if count > nn[5]:
-            nn[5] = count
+                    self._drop(verdict, RX, route, seg[:seg_n], src)
+            if held:
+                self._write_held(route, held, held_by, src)
+        c.udp_packets += count
+        c.udp_wakeups += 1
+        if count > c.udp_max_batch:
+            c.udp_max_batch = count
 
-    def _write_gro(self, fd: int, packet: memoryview) -> None:
-        try:
-            os.write(fd, packet)
-        except OSError:
-            self._drops[DropReason.TUN_WRITE_FAILED] += 1
+    def _count_rx(self, route: Route, npk: int, nby: int, kind: int) -> None:
+        st = route.stats
+        st.rx_packets += npk
+        st.rx_bytes += nby
+        if kind == vnet.RX_CSUM_PARTIAL:
+            self._c.rx_csum_partial += 1
+        elif kind == vnet.RX_GSO:
+            self._c.rx_gso += 1
+
+    def _write_held(self, route: Route | None, npk: int, nby: int, src: str) -> None:
+        """Write the coalescer's packet (``npk`` segments merged) to the TUN."""
+        assert self._gro is not None and self._tun is not None and route is not None
+        packet = self._gro.finish(self.config.mtu)
+        if not self._tun.write(packet):
+            self._drop(DropReason.TUN_WRITE_FAILED, RX, route, packet[vnet.VNET_HDR_LEN:], src,
+                       count=npk)
             return
         if packet[1] != vnet.GSO_NONE:
-            self._n[9] += 1
+            kind = vnet.RX_GSO
+            self._c.rx_gro_merged += npk
         elif packet[0] & vnet.F_NEEDS_CSUM:
-            self._n[8] += 1
+            kind = vnet.RX_CSUM_PARTIAL
+        else:
+            kind = vnet.RX_PLAIN
+        self._count_rx(route, npk, nby, kind)
+        tap = self._tap
+        if tap is not None and npk > 1:
+            tap.emit(RX, "forwarded", "", f"GRO merged {npk} segments into one TUN write",
+                     route.key, route.public_ip, route.mac_text,
+                     packet[vnet.VNET_HDR_LEN:], None, src, str(self.config.public_ip), 0,
+                     self.config.port)
+
+    def _tap_rx(self, tap: TapHub, route: Route, datagram: memoryview, src: str, kind: int,
+                _n: int) -> None:
+        """One received datagram's record; ``kind`` -1: held for GRO (merged record follows)."""
+        rule = {vnet.RX_CSUM_PARTIAL: "partial inner checksum: written with NEEDS_CSUM",
+                vnet.RX_GSO: "unsegmented TCP super-packet: written with GSO_TCPV4",
+                -1: "held for GRO"}.get(kind, "")
+        tap.emit(RX, "forwarded", "", rule, route.key, route.public_ip, route.mac_text,
+                 datagram[OFF_IP:], datagram, src, str(self.config.public_ip), 0,
+                 self.config.port)
+
+    def _arp(self, seg: memoryview, n: int, src: str, route: Route | None) -> None:
+        """Answer an ARP request for an address of our subnet (kernel peers w/o neighbour)."""
+        answer = wire.arp_answer(self._vxlan, self._own_mac, self.config.subnet,
+                                 bytes(seg[OFF_IP:n]))
+        if isinstance(answer, DropReason):
+            self._drop(answer, RX, route, seg[:n], src)
+            return
+        assert self._udp is not None
+        if self._udp.send(answer, (src, self.config.port)):
+            self._c.arp_replies += 1
+        else:
+            self._drop(DropReason.SEND_FAILED, TX, route, answer)

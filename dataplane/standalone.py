@@ -1,9 +1,11 @@
 """`flannelette engine`: run the VXLAN engine with a static peer set (no etcd).
 
 Used by the namespace tests, the benchmarks and for debugging. Unlike the
-agent, it installs the routes itself: one route per peer subnet into the TUN
-(they vanish with the TUN when the process exits). Runs until SIGTERM/SIGINT,
-then writes a last stats snapshot and exits 0.
+agent, it installs the routes itself: one route per peer subnet into the TUN,
+through the same netlink applier as the agent (tagged with flannelette's
+protocol number, so `flannelette cleanup` finds them; they vanish with the TUN
+when the process exits). Runs until SIGTERM/SIGINT, then writes a last stats
+snapshot and exits 0.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from dataplane import tun, wire
+from control import netlink
+from control.reconcile import OpKind, Route, RouteOp
+from dataplane import wire
 from dataplane.engine import Engine, EngineConfig
 from dataplane.errors import DataplaneError
 from dataplane.fib import Peer
@@ -100,6 +104,9 @@ def _parser() -> _Parser:
     p.add_argument("--tx-gso", choices=("on", "off"), default="on",
                    help="with --offload off: full-size packets to one peer drained in one "
                         "wake-up go out in one UDP GSO send (default on)")
+    p.add_argument("--inner-source-check", choices=("on", "off"), default="on",
+                   help="drop a peer's datagrams whose inner IPv4 source is outside that "
+                        "peer's subnet (default on; off only for debugging)")
     p.add_argument("--stats-file", default=None, help="JSON stats, rewritten periodically")
     p.add_argument("--stats-interval", type=float, default=0.5, help="seconds between writes")
     return p
@@ -124,7 +131,11 @@ async def _run(config: EngineConfig, peers: Sequence[Peer], stats_file: str | No
         loop.add_signal_handler(sig, stop.set)
     await engine.start()
     try:
-        await tun.replace_routes(engine.tun_name, [str(p.subnet) for p in peers])
+        errors = await netlink.aapply_ops([RouteOp(OpKind.REPLACE, Route(p.subnet, None,
+                                                                         engine.tun_name))
+                                           for p in peers])
+        if errors:
+            raise DataplaneError("; ".join(errors))
         print(f"engine up: {engine.tun_name} {config.subnet} "
               f"mac {wire.mac_to_str(config.vtep_mac)} on {config.public_ip}:{config.port}, "
               f"{len(peers)} peer(s)", flush=True)
@@ -170,7 +181,7 @@ def main(argv: list[str]) -> int:
             vtep_mac=args.vtep_mac or wire.random_vtep_mac(), vni=args.vni, mtu=args.mtu,
             tun_name=args.tun_name, port=args.port, batch=args.batch,
             offload=args.offload == "on", rx_gro=args.rx_gro == "on",
-            tx_gso=args.tx_gso == "on")
+            tx_gso=args.tx_gso == "on", check_inner_source=args.inner_source_check == "on")
         if args.stats_interval <= 0:
             raise _UsageError(f"--stats-interval must be > 0, got {args.stats_interval}")
         coro = _run(config, args.peer, args.stats_file, args.stats_interval)

@@ -1,82 +1,263 @@
-"""The TUN device: open it (ioctl), configure it (iproute2). Thin I/O, no packet logic.
+"""The TUN device: open (python-pytun), offloads (one ioctl), link set-up (pyroute2), batches.
 
-Opened directly with ``TUNSETIFF`` rather than through python-pytun because the
-engine needs ``IFF_VNET_HDR`` and ``TUNSETOFFLOAD``, which pytun does not wrap.
-The device is not persistent: closing the descriptor deletes it, and with it
-every address and route on it, so a crashed engine leaves nothing behind.
+Opened through python-pytun with ``IFF_TUN | IFF_NO_PI | IFF_VNET_HDR`` (pytun
+2.4.2 takes any flags); ``TUNSETOFFLOAD``, which pytun does not wrap, is one
+``ioctl`` on its ``fileno()``. The device is not persistent: closing it deletes
+it, and with it every address and route on it, so a crashed engine leaves
+nothing behind.
+
+:meth:`TunDevice.read_batch` hides the vnet header and, with TSO on, the
+split: it fills a caller-owned :class:`TxBatch` with IPv4 packets, each with
+22 bytes of header room in front of it, so the engine writes VXLAN + Ethernet
+there and hands runs of back-to-back datagrams to one UDP GSO send. The system
+calls are reached through two attributes (``_readv``, ``_write``), which is all
+a fake device (tests/devices.py) replaces.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import os
-import struct
-from collections.abc import Sequence
+from collections.abc import Callable
 
+import pytun
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from dataplane import csum, tso, vnet, wire
 from dataplane.errors import DeviceError
+from dataplane.wire import DropReason
 
-TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
-IFF_TUN = 0x0001
-IFF_NO_PI = 0x1000
-IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 TUN_F_TSO_ECN = 0x08
+OFFLOAD_TSO = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+
+HEAD = wire.ENCAP_HLEN - vnet.VNET_HDR_LEN  # 12: where a read starts inside a packet slot
+_ROOM = bytes(wire.ENCAP_HLEN)  # placeholder for VXLAN + Ethernet, written per peer later
+_SUPER = 65536 + 64  # one TSO super-packet (and its vnet header)
+_UDP_MAX = 65507
+GSO_MAX_SEGS = 64
 
 
-def open_tun(name: str, vnet_hdr: bool = True) -> tuple[int, str]:
-    """Create TUN ``name`` (IFF_TUN|IFF_NO_PI[|IFF_VNET_HDR]); return (non-blocking fd, name)."""
-    if not name or len(name.encode()) > 15:
-        raise DeviceError(f"TUN name must be 1..15 bytes, got {name!r}")
+class TxBatch:
+    """Caller-owned packets for one TUN read batch.
+
+    Packet ``i`` occupies ``buf[off[i]:off[i] + 22 + size[i]]``: 22 bytes of header
+    room, then ``size[i]`` bytes of IPv4. ``csum[i]`` is 0 when the packet's
+    checksums are complete, else ``csum_start << 8 | csum_offset`` of a partial
+    TCP/UDP checksum (NEEDS_CSUM from the TUN, or a TSO segment). Full-size
+    packets lie back to back, so a run of them is one UDP GSO datagram train.
+    ``splits`` lists ``(first index, segments)`` per TSO super-packet;
+    ``rejects`` ``(reason, offset, length)`` per packet the device refused.
+    """
+
+    __slots__ = ("buf", "count", "csum", "error", "nslots", "off", "reads", "rejects",
+                 "size", "slot_views", "splits", "stride", "super_buf", "super_view", "view")
+
+    def __init__(self, mtu: int, slots: int, tso: bool) -> None:
+        self.stride = wire.ENCAP_HLEN + mtu
+        if tso:  # segments are cut to the peer's MSS: room for four ~64 KB super-packets
+            self.nslots = 4 * GSO_MAX_SEGS
+            size = 4 * (_SUPER + GSO_MAX_SEGS * 80)
+            self.super_buf = bytearray(_SUPER + wire.ENCAP_HLEN)
+        else:  # one packet per slot, slot k at k * stride (the last slot can hold any read)
+            self.nslots = max(1, min(GSO_MAX_SEGS, slots))
+            size = self.nslots * self.stride + _SUPER
+            self.super_buf = bytearray()
+        self.super_view = memoryview(self.super_buf)
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.off = [i * self.stride for i in range(self.nslots)]
+        self.size = [0] * self.nslots
+        self.csum = [0] * self.nslots
+        self.slot_views = [[self.view[o + HEAD:]] for o in self.off]
+        self.count = 0
+        self.reads = 0  # TUN reads behind this batch (a super-packet is one read, many packets)
+        self.splits: list[tuple[int, int]] = []
+        self.rejects: list[tuple[DropReason, int, int]] = []
+        self.error: DropReason | None = None
+
+
+def _readv_closed(bufs: list[memoryview]) -> int:
+    raise BlockingIOError
+
+
+def _write_closed(data: memoryview | bytes) -> int:
+    raise OSError(9, "device closed")
+
+
+class TunDevice:
+    """One TUN device read and written in batches; ``offload`` = TUN TSO super-packets."""
+
+    def __init__(self, name: str, *, offload: bool = False,
+                 readv: Callable[[list[memoryview]], int] = _readv_closed,
+                 write: Callable[[memoryview | bytes], int] = _write_closed,
+                 fd: int = -1) -> None:
+        self.name = name
+        self.offload = offload
+        self._fd = fd
+        self._readv = readv
+        self._write = write
+        self._dev: pytun.TunTapDevice | None = None
+
+    # ---- opening and set-up ------------------------------------------------------------
+    @classmethod
+    def open(cls, name: str, *, offload: bool = False) -> TunDevice:
+        """Create TUN ``name`` with a vnet header (and TSO if ``offload``), non-blocking."""
+        if not name or len(name.encode()) > 15:
+            raise DeviceError(f"TUN name must be 1..15 bytes, got {name!r}")
+        try:
+            dev = pytun.TunTapDevice(
+                name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI | pytun.IFF_VNET_HDR)
+        except (pytun.Error, OSError) as e:
+            raise DeviceError(f"cannot create TUN {name}: {e}") from None
+        fd = dev.fileno()
+        os.set_blocking(fd, False)
+        os.set_inheritable(fd, False)
+        if offload:
+            try:
+                fcntl.ioctl(fd, TUNSETOFFLOAD, OFFLOAD_TSO)
+            except OSError as e:
+                dev.close()
+                raise DeviceError(f"TUNSETOFFLOAD {OFFLOAD_TSO:#x} refused: {e.strerror}"
+                                  ) from None
+        # partial() of the C functions: no Python frame per system call.
+        self = cls(dev.name, offload=offload, fd=fd, readv=functools.partial(os.readv, fd),
+                   write=functools.partial(os.write, fd))
+        self._dev = dev
+        return self
+
+    async def configure(self, address: str, mtu: int, txqueuelen: int | None) -> None:
+        """Address (``a.b.c.d/32``), MTU, queue length, no IPv6 chatter, and up (pyroute2)."""
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{self.name}/disable_ipv6", "w") as f:
+                f.write("1")
+        except OSError:
+            pass  # IPv6 disabled or absent: nothing to silence
+        await asyncio.to_thread(_configure_link, self.name, address, mtu, txqueuelen)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        """Close the descriptor, which deletes the device (and its routes)."""
+        self._readv = _readv_closed
+        self._write = _write_closed
+        if self._dev is not None:
+            self._dev.close()
+            self._dev = None
+        self._fd = -1
+
+    # ---- packets ------------------------------------------------------------------------
+    def write(self, data: memoryview | bytes) -> bool:
+        """One packet with its vnet header in front (a GRO super-packet too); False: refused."""
+        try:
+            self._write(data)
+        except OSError:
+            return False
+        return True
+
+    def read_batch(self, b: TxBatch) -> int:
+        """Fill ``b`` with what the TUN has ready; returns the number of packets.
+
+        ``b.reads`` is the number of reads behind them: 0 means the TUN is drained
+        (or failed: ``b.error``); with TSO, reads can yield rejects and no packet.
+        """
+        b.error = None
+        if b.splits:
+            b.splits.clear()
+        if b.rejects:
+            b.rejects.clear()
+        if self.offload:
+            return self._read_tso(b)
+        readv, views, size = self._readv, b.slot_views, b.size
+        i = 0
+        n_slots = b.nslots
+        while i < n_slots:
+            try:
+                n = readv(views[i])
+            except BlockingIOError:
+                break
+            except OSError:
+                b.error = DropReason.TUN_READ_FAILED
+                break
+            size[i] = n - vnet.VNET_HDR_LEN
+            i += 1
+        b.count = b.reads = i
+        return i
+
+    def _read_tso(self, b: TxBatch) -> int:
+        """TSO mode: read super-packets into a staging buffer, cut each into MSS segments
+        (pseudo-header checksums; the engine completes them for kernel peers)."""
+        readv, src, sview = self._readv, b.super_buf, b.super_view
+        bufs = [sview[HEAD:]]
+        off, size, csums, view = b.off, b.size, b.csum, b.view
+        unpack = vnet.VNET_HDR.unpack_from
+        limit = len(b.buf) - _SUPER - GSO_MAX_SEGS * 80
+        pos = i = reads = 0
+        n_slots = b.nslots - GSO_MAX_SEGS
+        while pos <= limit and i <= n_slots:
+            try:
+                n = readv(bufs)
+            except BlockingIOError:
+                break
+            except OSError:
+                b.error = DropReason.TUN_READ_FAILED
+                break
+            reads += 1
+            plen = n - vnet.VNET_HDR_LEN
+            if plen < 20:
+                b.rejects.append((DropReason.TRUNCATED, wire.ENCAP_HLEN, max(plen, 0)))
+                continue
+            flags, gso_type, _, gso_size, cstart, coff = unpack(src, HEAD)
+            if gso_type == vnet.GSO_NONE:
+                end = pos + wire.ENCAP_HLEN + plen
+                view[pos + wire.ENCAP_HLEN:end] = sview[wire.ENCAP_HLEN:wire.ENCAP_HLEN + plen]
+                off[i] = pos
+                size[i] = plen
+                csums[i] = (cstart << 8 | coff) if flags & vnet.F_NEEDS_CSUM else 0
+                i += 1
+                pos = end
+            elif (gso_type & ~vnet.GSO_ECN == vnet.GSO_TCPV4 and gso_size > 0
+                  and src[wire.ENCAP_HLEN] >> 4 == 4 and src[wire.ENCAP_HLEN + 9] == 6):
+                used, segs, seglen = tso.tso_split(sview, wire.ENCAP_HLEN, plen, gso_size,
+                                                   view[pos:], _ROOM, True)
+                ihl = (src[wire.ENCAP_HLEN] & 0x0F) << 2
+                mark = ihl << 8 | csum.TCP_CSUM_OFFSET
+                b.splits.append((i, segs))
+                for k in range(segs):
+                    o = pos + k * seglen
+                    off[i] = o
+                    size[i] = seglen - wire.ENCAP_HLEN
+                    csums[i] = mark
+                    i += 1
+                size[i - 1] = used - (segs - 1) * seglen - wire.ENCAP_HLEN
+                pos += used
+            else:
+                b.rejects.append((DropReason.UNSUPPORTED_GSO, wire.ENCAP_HLEN, plen))
+        b.count = i
+        b.reads = reads
+        return i
+
+
+def _configure_link(name: str, address: str, mtu: int, txqueuelen: int | None) -> None:
+    """The synchronous pyroute2 part of :meth:`TunDevice.configure` (runs in a thread)."""
+    addr, _, plen = address.partition("/")
     try:
-        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        raise DeviceError(f"cannot open /dev/net/tun: {e.strerror}") from None
-    flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
-    try:
-        res = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
-    except OSError as e:
-        os.close(fd)
-        raise DeviceError(f"cannot create TUN {name}: {e.strerror}") from None
-    return fd, res[:16].rstrip(b"\x00").decode()
-
-
-def set_offload(fd: int, flags: int) -> None:
-    """TUNSETOFFLOAD: which offloads userspace accepts on reads (TSO super-packets)."""
-    try:
-        fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
-    except OSError as e:
-        raise DeviceError(f"TUNSETOFFLOAD {flags:#x} refused: {e.strerror}") from None
-
-
-async def ip(*args: str) -> None:
-    """Run one ``ip`` command; DeviceError with its stderr if it fails."""
-    proc = await asyncio.create_subprocess_exec(
-        "ip", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL)
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise DeviceError(f"ip {' '.join(args)}: {err.decode().strip()}")
-
-
-async def configure(name: str, address: str, mtu: int, txqueuelen: int | None) -> None:
-    """Address (``a.b.c.d/32``), MTU, queue length, no IPv6 chatter, and up."""
-    try:
-        with open(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6", "w") as f:
-            f.write("1")
-    except OSError:
-        pass  # IPv6 disabled or absent: nothing to silence
-    await ip("addr", "replace", address, "dev", name)
-    link: list[str] = ["link", "set", "dev", name, "mtu", str(mtu)]
-    if txqueuelen is not None:
-        link += ["txqueuelen", str(txqueuelen)]
-    await ip(*link, "up")
-
-
-async def replace_routes(name: str, subnets: Sequence[str]) -> None:
-    """Route each subnet into the TUN (only the standalone runner does this)."""
-    for subnet in subnets:
-        await ip("route", "replace", subnet, "dev", name)
+        with IPRoute() as ipr:
+            found = ipr.link_lookup(ifname=name)
+            if not found:
+                raise DeviceError(f"TUN {name} vanished before it was configured")
+            idx = found[0]
+            ipr.addr("replace", index=idx, address=addr, prefixlen=int(plen or 32))
+            kw: dict[str, int | str] = {"mtu": mtu, "state": "up"}
+            if txqueuelen is not None:
+                kw["txqlen"] = txqueuelen
+            ipr.link("set", index=idx, **kw)
+    except (NetlinkError, OSError) as e:
+        raise DeviceError(f"configuring TUN {name} ({address}, mtu {mtu}): {e}") from None

@@ -1,33 +1,179 @@
-"""The UDP socket on PublicIP:8472. Thin I/O: open, size the buffers, nothing else.
+"""The UDP endpoint on PublicIP:8472: UDP GSO sends, UDP GRO receives, and their fallbacks.
+
+The endpoint owns every socket option and control message, so the engine's
+loops never see a cmsg (wireguard-go's ``conn/bind_std.go`` shape):
+
+- :meth:`UdpEndpoint.send_run` sends back-to-back datagrams of one size (the
+  last may be shorter) in one ``sendmsg`` with ``UDP_SEGMENT``, at most 64
+  datagrams / 65507 bytes per call, and falls back to one ``sendto`` per
+  datagram for good when the kernel refuses GSO (EIO/EINVAL/EOPNOTSUPP);
+- :meth:`UdpEndpoint.recv` returns one datagram or, with ``UDP_GRO``, a batch
+  of same-size datagrams from one sender and their segment size.
 
 The socket stays *blocking* for sends (a full send buffer briefly stalls the
-loop instead of dropping, which TCP inside the tunnel prefers) and the engine
-reads it with ``MSG_DONTWAIT`` so a drain loop ends at the first empty read.
+loop instead of dropping, which TCP inside the tunnel prefers) and is read with
+``MSG_DONTWAIT`` so a drain loop ends at the first empty read. The system calls
+are reached through three attributes, which is all a fake endpoint replaces.
 """
 
 from __future__ import annotations
 
+import errno
 import socket
+import struct
+from collections.abc import Callable
+from typing import Any
 
 from dataplane.errors import DeviceError
 
 BUFFER_BYTES = 4 << 20
 SO_SNDBUFFORCE = 32  # Linux; missing from Python 3.11's socket module
 SO_RCVBUFFORCE = 33
+SOL_UDP = 17
+UDP_SEGMENT = 103  # missing from Python 3.11's socket module
+UDP_GRO = 104
+GSO_MAX_SEGS = 64
+UDP_MAX = 65507
+_CMSG_GRO = socket.CMSG_SPACE(4)
+_NO_GSO = (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP)
+_SEG = struct.Struct("=H")
+_INT = struct.Struct("=i")
+
+Address = tuple[str, int]
+RecvMsg = Callable[[list[memoryview], int, int], tuple[int, list[tuple[int, int, bytes]], int,
+                                                        Any]]
+SendMsg = Callable[[list[memoryview], list[tuple[int, int, bytes]], int, Address], int]
+SendTo = Callable[[memoryview | bytes, Address], int]
 
 
-def open_udp(address: str, port: int, buffer_bytes: int = BUFFER_BYTES) -> socket.socket:
-    """A UDP socket bound to ``address:port`` with large kernel buffers."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF),
-                             (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+def _closed(*_: object) -> Any:
+    raise OSError(errno.EBADF, "endpoint closed")
+
+
+class UdpEndpoint:
+    """A UDP socket for VXLAN datagrams, sent in GSO runs and received in GRO batches."""
+
+    def __init__(self, *, gro: bool = False, gso: bool = True, recvmsg: RecvMsg = _closed,
+                 sendmsg: SendMsg = _closed, sendto: SendTo = _closed, fd: int = -1) -> None:
+        self.gro = gro  # receives may return batches
+        self.gso = gso  # cleared for good when the kernel refuses UDP_SEGMENT
+        self._recvmsg = recvmsg
+        self._sendmsg = sendmsg
+        self._sendto = sendto
+        self._fd = fd
+        self._sock: socket.socket | None = None
+        self.last_error = 0  # errno of the last failed receive
+        self.gso_sends = 0  # UDP GSO calls that carried a run
+
+    @classmethod
+    def open(cls, address: str, port: int, buffer_bytes: int = BUFFER_BYTES, *,
+             gro: bool = True, gso: bool = True) -> UdpEndpoint:
+        """Bind ``address:port`` with large kernel buffers; GRO if asked and available."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF),
+                                 (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, force, buffer_bytes)
+                except OSError:  # no CAP_NET_ADMIN: the plain option, capped by rmem_max
+                    sock.setsockopt(socket.SOL_SOCKET, plain, buffer_bytes)
+            sock.bind((address, port))
+        except OSError as e:
+            sock.close()
+            raise DeviceError(f"cannot bind UDP {address}:{port}: {e.strerror}") from None
+        if gro:
             try:
-                sock.setsockopt(socket.SOL_SOCKET, force, buffer_bytes)
-            except OSError:  # not root: the plain option, capped by rmem_max/wmem_max
-                sock.setsockopt(socket.SOL_SOCKET, plain, buffer_bytes)
-        sock.bind((address, port))
-    except OSError as e:
-        sock.close()
-        raise DeviceError(f"cannot bind UDP {address}:{port}: {e.strerror}") from None
-    return sock
+                sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+            except OSError:
+                gro = False  # an old kernel: one datagram per receive
+        self = cls(gro=gro, gso=gso, recvmsg=sock.recvmsg_into, sendmsg=sock.sendmsg,
+                   sendto=sock.sendto, fd=sock.fileno())
+        self._sock = sock
+        return self
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        self._recvmsg = self._sendmsg = self._sendto = _closed
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._fd = -1
+
+    # ---- receive ------------------------------------------------------------------------
+    def recv(self, bufs: list[memoryview]) -> tuple[int, int, str]:
+        """One receive into ``bufs[0]``: (bytes, segment size, source address).
+
+        The segment size equals the byte count for a single datagram; with GRO a
+        batch holds datagrams of that size back to back (the last may be
+        shorter). Bytes is -1 when nothing is ready, -2 when the call failed
+        (``last_error`` says why).
+        """
+        try:
+            n, anc, _, addr = self._recvmsg(bufs, _CMSG_GRO, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return -1, 0, ""
+        except OSError as e:
+            self.last_error = e.errno or 0
+            return -2, 0, ""
+        step = n
+        if anc:
+            level, kind, data = anc[0]
+            if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
+                step = _INT.unpack_from(data)[0] or n
+        return n, step, addr[0]
+
+    # ---- send ---------------------------------------------------------------------------
+    def send(self, data: memoryview | bytes, addr: Address) -> bool:
+        """One datagram; False if the kernel refused it."""
+        try:
+            self._sendto(data, addr)
+        except OSError:
+            return False
+        return True
+
+    def send_run(self, view: memoryview, seglen: int, addr: Address) -> tuple[int, int]:
+        """Send ``view`` as datagrams of ``seglen`` bytes (the last may be shorter).
+
+        Returns (datagrams sent, their bytes). UDP GSO while the kernel takes
+        it (``gso_sends`` counts the calls); a refused GSO call is retried per
+        datagram and GSO stays off from then on.
+        """
+        used = len(view)
+        if used <= seglen:
+            try:
+                self._sendto(view, addr)
+            except OSError:
+                return 0, 0
+            return 1, used
+        per_call = min(GSO_MAX_SEGS, UDP_MAX // seglen) * seglen
+        sent = nbytes = 0
+        off = 0
+        while off < used:
+            end = min(used, off + per_call)
+            if self.gso:
+                try:
+                    self._sendmsg([view[off:end]], [(SOL_UDP, UDP_SEGMENT, _SEG.pack(seglen))],
+                                  0, addr)
+                    self.gso_sends += 1
+                    sent += -(-(end - off) // seglen)
+                    nbytes += end - off
+                    off = end
+                    continue
+                except OSError as e:
+                    if e.errno not in _NO_GSO:
+                        off = end  # the whole chunk is lost; the caller counts it
+                        continue
+                    self.gso = False  # no UDP GSO here: one datagram per segment from now on
+            while off < end:
+                stop = min(off + seglen, end)
+                try:
+                    self._sendto(view[off:stop], addr)
+                    sent += 1
+                    nbytes += stop - off
+                except OSError:
+                    pass
+                off = stop
+        return sent, nbytes
+

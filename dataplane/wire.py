@@ -59,6 +59,7 @@ class DropReason(enum.Enum):
     BAD_FLAGS = "bad_flags"  # VXLAN flag/reserved bits other than 08 00 00 00 .. 00
     WRONG_VNI = "wrong_vni"  # a VNI we do not serve
     UNKNOWN_PEER = "unknown_peer"  # outer source address is no peer's PublicIP
+    SPOOFED_INNER_SOURCE = "spoofed_inner_source"  # inner IPv4 source outside the peer's subnet
     OWN_MAC_SOURCE = "own_mac_source"  # inner source MAC is ours (a loop)
     NOT_FOR_US = "not_for_our_mac"  # inner destination MAC is not our VtepMAC
     NOT_IPV4 = "not_ipv4"  # an EtherType (or TUN packet) we do not carry
@@ -69,11 +70,16 @@ class DropReason(enum.Enum):
     ARP_IGNORED = "arp_ignored"  # an ARP reply, or a request for an address not ours
     # read from the TUN device or failing on output
     NO_ROUTE = "no_route"  # no peer owns the destination (ICMP unreachable sent back)
+    UNSUPPORTED_GSO = "unsupported_gso"  # a TUN super-packet we cannot segment (not TCPv4)
     SEND_FAILED = "send_failed"  # sendto() refused the datagram
     TUN_WRITE_FAILED = "tun_write_failed"  # the TUN refused the packet
+    # failing system calls (the packet, if any, is lost; the loop goes on)
+    TUN_READ_FAILED = "tun_read_failed"  # read() on the TUN failed (not EAGAIN)
+    UDP_RECV_FAILED = "udp_recv_failed"  # recvmsg() on the UDP socket failed (not EAGAIN)
 
 
-# Reasons a datagram sent to the engine's UDP port can produce.
+# Reasons check_frame gives a datagram sent to the engine's UDP port (the engine adds
+# spoofed_inner_source: a peer's datagram whose inner source is outside its subnet).
 RX_REASONS = frozenset(
     {
         DropReason.TRUNCATED, DropReason.BAD_FLAGS, DropReason.WRONG_VNI,
