@@ -21,7 +21,7 @@ fi
 
 # System packages from Debian. Only touch apt when something is missing.
 pkgs=(etcd-server etcd-client iproute2 iputils-ping iperf3 tshark libpcap0.8 nftables iptables procps
-      ethtool python3-venv python3-pip kmod)
+      ethtool python3-venv python3-pip kmod containernetworking-plugins)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
