@@ -235,10 +235,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             agents = {h.name: cluster.start_agent(h, wait=False) for h in (h1, h2)}
             subnets = {}
             for h in (h1, h2):
-                doc = cluster.wait_ready(agents[h.name], 60)
+                cluster.wait_ready(agents[h.name], 60)
                 subnets[h.name] = ipaddress.IPv4Network(
                     cluster.status(agents[h.name])["node"]["subnet"])
-                assert doc is not None
             cluster.wait_peers(agents["h1"], [str(subnets["h2"])], 40)
             cluster.wait_peers(agents["h2"], [str(subnets["h1"])], 40)
             yield World(lab, cluster, h1, h2, agents, subnets, _cni_bin_dir(root))
