@@ -26,12 +26,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.lab import Host, Lab
+from dataplane import wire
 
 SEGMENT = "10.10.1.0/24"
 SUBNETS = ("10.244.1.0/24", "10.244.2.0/24")
 NETWORK = "10.244.0.0/16"
 VNI = 1
-VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+VXLAN_OVERHEAD = wire.OVERHEAD  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+# A checkout of an older flannelette whose engine modes run beside this one ("base-fl-*").
+BASELINE_ENV = "FLANNELETTE_BENCH_BASELINE"
 
 
 class ModeUnavailable(Exception):
@@ -55,15 +58,16 @@ class Pair:
             with contextlib.suppress(Exception):
                 self.cleanups.pop()()
 
-    def popen_logged(self, host: Host, *argv: str) -> subprocess.Popen[Any]:
+    def popen_logged(self, host: Host, *argv: str, cwd: str | None = None
+                     ) -> subprocess.Popen[Any]:
         """Start ``argv`` in ``host``'s namespace, output to ``<log_dir>/<mode>-<host>.log``."""
         if not self.log_dir:
             return self.lab.popen(host.ns, *argv, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+                                  stderr=subprocess.DEVNULL, cwd=cwd)
         os.makedirs(self.log_dir, exist_ok=True)
         path = os.path.join(self.log_dir, f"{self.mode or 'mode'}-{host.name}.log")
         with open(path, "ab") as log:  # Popen keeps its own descriptor
-            return self.lab.popen(host.ns, *argv, stdout=log, stderr=subprocess.STDOUT)
+            return self.lab.popen(host.ns, *argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
 
     @property
     def client_ns(self) -> str:
@@ -153,14 +157,16 @@ def vtep_mac(host: Host) -> str:
     return f"02:f1:00:00:00:{int(host.ip) & 0xFF:02x}"
 
 
-def setup_engine(pair: Pair, extra: list[str], flannelette_peer: bool = False
-                 ) -> list[subprocess.Popen[Any]]:
+def setup_engine(pair: Pair, extra: list[str], flannelette_peer: bool = False,
+                 tree: str | None = None) -> list[subprocess.Popen[Any]]:
     """`flannelette engine` on both hosts with each other as static peer.
 
     The standalone engine installs its own routes (peer subnet into the TUN). With
     ``flannelette_peer`` each side knows the other is a flannelette node (as the
     lease's ``Flannelette.CsumPartial`` tells agents), so inner TCP checksums stay
-    partial on the wire.
+    partial on the wire. ``tree`` runs the engine from another checkout of the
+    project (``python -m`` puts the working directory first on the path), so an
+    older version can be measured beside this one in the same run.
     """
     _module("dataplane.standalone", "the standalone engine runner")
     mtu = pair.lab.mtu - VXLAN_OVERHEAD
@@ -171,7 +177,7 @@ def setup_engine(pair: Pair, extra: list[str], flannelette_peer: bool = False
                 "--mtu", str(mtu), "--peer",
                 f"{peer.subnet},{peer.ip},{vtep_mac(peer)}"
                 + (",flannelette" if flannelette_peer else ""), *extra]
-        procs.append(pair.popen_logged(me, *argv))
+        procs.append(pair.popen_logged(me, *argv, cwd=tree))
     return procs
 
 
@@ -245,6 +251,14 @@ def all_modes() -> list[Mode]:
                           "known as flannelette (inner TCP checksums left partial)",
                           functools.partial(setup_engine, extra=extra, flannelette_peer=True),
                           True))
+    tree = os.environ.get(BASELINE_ENV, "")
+    if tree:  # the same engine modes from an older checkout, for before/after ratios
+        for name, extra, partial in (("fl-uvloop", [], False),
+                                     ("fl-uvloop-offload", ["--offload", "on"], False),
+                                     ("fl-offload-partial", ["--offload", "on"], True)):
+            modes.append(Mode(f"base-{name}", f"{name} run from {tree} ({BASELINE_ENV})",
+                              functools.partial(setup_engine, extra=extra,
+                                                flannelette_peer=partial, tree=tree), True))
     modes.append(Mode("fl-directrouting", "flannelette agents, vxlan backend with "
                       "DirectRouting on a same-segment pair", setup_direct_routing, True))
     return modes

@@ -201,7 +201,9 @@ class Engine:
                 raise
         if self._udp.gro:
             self._gro = gro.Coalescer()
-        for fd, cb in ((self._tun.fileno(), self._on_tun), (self._udp.fileno(), self._on_udp)):
+        readers = ((self._tun.fileno(), self.tun_readable),
+                   (self._udp.fileno(), self.udp_readable))
+        for fd, cb in readers:  # fake devices have no descriptor: their tests call the loops
             if fd >= 0:
                 self._loop.add_reader(fd, cb)
                 self._readers.append(fd)
@@ -290,8 +292,9 @@ class Engine:
                          self.config.port)
 
     # ---- tx: TUN -> UDP -------------------------------------------------------------------
-    def _on_tun(self) -> None:
-        """Drain the TUN; runs of back-to-back packets to one peer leave in one GSO call."""
+    def tun_readable(self) -> None:
+        """The tx loop (the TUN's reader callback): drain the TUN; runs of back-to-back
+        packets to one peer leave in one GSO call."""
         tun, b = self._tun, self._txb
         if tun is None:
             return
@@ -430,8 +433,9 @@ class Engine:
             self._drop(DropReason.TUN_WRITE_FAILED, RX, None, reply)
 
     # ---- rx: UDP -> TUN ---------------------------------------------------------------------
-    def _on_udp(self) -> None:
-        """Drain the UDP endpoint; each datagram checked, merged or written alone."""
+    def udp_readable(self) -> None:
+        """The rx loop (the UDP endpoint's reader callback): drain it; each datagram
+        checked, then merged or written alone."""
         udp, tun = self._udp, self._tun
         if udp is None or tun is None:
             return
