@@ -2,22 +2,48 @@
 
 A few lines of HTTP/1.0 on ``asyncio.start_server`` (runs on uvloop): GET only,
 one request per connection, bounded header read. Handlers are plain callables
-returning (status, content type, body), so the documents are built by the
-agent, not here.
+returning (status, content type, body); :func:`document_routes` makes the
+agent's four from a snapshot source, the documents themselves come from the pure
+``control/statusdoc.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import time
 from collections.abc import Callable, Mapping
+
+from control import metrics, statusdoc
 
 log = logging.getLogger("flannelette.health")
 
 Handler = Callable[[], tuple[int, str, bytes]]
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
             503: "Service Unavailable"}
+
+
+def document_routes(snapshot: Callable[[], statusdoc.Snapshot],
+                    clock: Callable[[], float] = time.monotonic) -> dict[str, Handler]:
+    """/healthz, /readyz (503 until ready), /status and /metrics, each from a fresh
+    snapshot taken at request time."""
+    def status() -> tuple[int, str, bytes]:
+        doc = statusdoc.status(snapshot(), clock())
+        return 200, "application/json", json.dumps(doc, indent=1).encode()
+
+    def readyz() -> tuple[int, str, bytes]:
+        ready, doc = statusdoc.readiness(snapshot(), clock())
+        return (200 if ready else 503), "application/json", json.dumps(doc).encode()
+
+    def healthz() -> tuple[int, str, bytes]:
+        return 200, "text/plain", b"ok\n"
+
+    def metrics_text() -> tuple[int, str, bytes]:
+        return 200, metrics.CONTENT_TYPE, metrics.render(
+            lambda: statusdoc.status(snapshot(), clock()))
+    return {"/healthz": healthz, "/readyz": readyz, "/status": status, "/metrics": metrics_text}
 
 
 class HealthServer:

@@ -11,10 +11,13 @@ import urllib.request
 
 import pytest
 
-from control.agent import main, parse_args, peers_from_leases
+from control.agent import main
+from control.config import BackendType
 from control.errors import FlagError
 from control.health import HealthServer
 from control.lease import Lease, LeaseAttrs
+from control.options import parse_args
+from control.supervisor import peers_from_leases
 from dataplane.fib import Path
 
 N = ipaddress.IPv4Network
@@ -98,12 +101,12 @@ def test_peers_from_leases() -> None:
                                                                     mac)),
               N("10.5.1.0/24"): Lease(N("10.5.1.0/24"), LeaseAttrs(A("10.1.1.1"), "vxlan", 1,
                                                                     mac))}
-    peers = peers_from_leases(leases, "vxlan")
+    peers = peers_from_leases(leases, BackendType.VXLAN)
     assert [(str(p.subnet), p.path, p.vtep_mac) for p in peers] == [
         ("10.5.1.0/24", Path.VXLAN, mac), ("10.5.2.0/24", Path.VXLAN, mac)]
     hostgw = peers_from_leases(
         {N("10.5.3.0/24"): Lease(N("10.5.3.0/24"), LeaseAttrs(A("10.1.1.3"), "host-gw"))},
-        "host-gw")
+        BackendType.HOST_GW)
     assert hostgw[0].path is Path.DIRECT and hostgw[0].vtep_mac is None
 
 

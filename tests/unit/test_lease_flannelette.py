@@ -7,7 +7,9 @@ import json
 
 import pytest
 
-from control.lease import FLANNELETTE_FIELD, LeaseAttrs, decode_attrs, encode_attrs
+from control.config import BackendType
+from control.lease import FLANNELETTE_FIELD, Lease, LeaseAttrs, decode_attrs, encode_attrs
+from control.supervisor import peers_from_leases
 
 A = ipaddress.IPv4Address
 FLANNEL_VALUE = ('{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'
@@ -54,17 +56,14 @@ def test_host_gw_lease_never_carries_it() -> None:
 
 
 def test_agent_marks_only_capable_vxlan_peers_for_partial_checksums() -> None:
-    from control.agent import peers_from_leases
-    from control.lease import Lease
-
     n = ipaddress.IPv4Network
     leases = {
         n("10.5.1.0/24"): Lease(n("10.5.1.0/24"), decode_attrs(FLANNEL_VALUE)),  # real flannel
         n("10.5.2.0/24"): Lease(n("10.5.2.0/24"), LeaseAttrs(A("10.1.1.2"), "vxlan", 1, MAC,
                                                              csum_partial=True)),
     }
-    peers = peers_from_leases(leases, "vxlan")
+    peers = peers_from_leases(leases, BackendType.VXLAN)
     assert [(str(p.subnet), p.partial_csum) for p in peers] == [("10.5.1.0/24", False),
                                                                ("10.5.2.0/24", True)]
-    hostgw = peers_from_leases(leases, "host-gw")
+    hostgw = peers_from_leases(leases, BackendType.HOST_GW)
     assert not any(p.partial_csum for p in hostgw)
