@@ -53,3 +53,39 @@ def test_agent_ip_masq_outside_sees_host_overlay_keeps_source(lab: Lab) -> None:
         for a in (a1, a2):
             assert cluster.stop_agent(a) == 0
             assert "Traceback" not in a.log(), a.log()
+
+
+def _rules_text(lab: Lab, ns: str) -> str:
+    """Our masquerade rules inside ``ns``, whichever tool the agent used."""
+    nft = lab.run(ns, "nft", "list", "table", "ip", "flannelette", check=False)
+    if nft.returncode == 0:
+        return nft.stdout
+    return lab.run(ns, "iptables", "-w", "-t", "nat", "-S", "FLANNELETTE-POSTRTG",
+                   check=False).stdout
+
+
+def test_masq_rules_follow_a_reacquired_different_subnet(lab: Lab) -> None:
+    """Our key overwritten by another node: the agent moves to a new subnet and its
+    masquerade rules name the new subnet, not the old one (containers of the new
+    subnet keep their source inside the Network and are masqueraded leaving it)."""
+    need_lab_tools()
+    lab.add_segment("A", "10.10.1.0/24")
+    h1 = lab.add_host("h1", "A", "10.7.1.0/24")
+    with Cluster(lab) as cluster:
+        cluster.start_etcd()
+        cluster.set_config(VXLAN, api=3)
+        a1 = cluster.start_agent(h1, "--ip-masq")
+        assert "10.7.1.0/24" in _rules_text(lab, h1.ns)
+        other = ('{"PublicIP":"10.10.1.77","PublicIPv6":null,"BackendType":"vxlan",'
+                 '"BackendData":{"VNI":1,"VtepMAC":"02:aa:bb:cc:dd:ee"}}')
+        cluster.etcdctl("put", "/coreos.com/network/subnets/10.7.1.0-24", other, api=3)
+        doc = cluster.wait_status(a1, lambda d: d["node"]["subnet"] not in (None,
+                                                                            "10.7.1.0/24"),
+                                  30, "a new subnet")
+        new = doc["node"]["subnet"]
+        cluster.wait_ready(a1)
+        rules = _rules_text(lab, h1.ns)
+        assert new in rules and "10.7.1.0/24" not in rules, rules
+        assert a1.log().count("ip-masq rules installed with") == 2
+        assert cluster.stop_agent(a1) == 0
+        assert "Traceback" not in a1.log(), a1.log()
