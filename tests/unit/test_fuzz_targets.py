@@ -171,6 +171,38 @@ def test_gro_append_of_a_segment_shorter_than_its_tcp_header_is_refused() -> Non
     assert g.append(short, 0, 20) is False
 
 
+def _held_tiny_tcp_header() -> tuple[Coalescer, bytes]:
+    """A coalescer holding a TCP segment whose data offset is 1 (a 4-byte "header"),
+    and the VXLAN datagram of that segment, to be repeated as a UDP GRO batch."""
+    from tests.fuzz.make_corpus import ip_tcp
+    seg = bytearray(ip_tcp(100))
+    seg[20 + 12] = 0x10  # data offset 1
+    assert wire.check_ipv4(seg, 0, len(seg), 1450) is wire.Frame.IPV4
+    g = Coalescer()
+    if Coalescer.can_start(seg, 0, len(seg), 1450):
+        g.start(seg, 0, len(seg))
+    return g, targets.PREFIX + bytes(seg)
+
+
+def test_known_bug_filter_matches_the_gro_extend_bug() -> None:
+    g, d = _held_tiny_tcp_header()
+    try:
+        g.extend(memoryview(d + d), 0, 2 * len(d), len(d), targets.PREFIX)
+    except ValueError as exc:
+        assert is_known_bug(exc)
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="gro.Coalescer.can_start accepts a TCP data offset below 5; "
+                          "extend() then shifts by a negative count. Fix: can_start (and "
+                          "append) require 20 <= thl and ihl + thl < ip_len; then drop the "
+                          "entry from targets.KNOWN_BUGS")
+def test_gro_refuses_a_tcp_header_shorter_than_20_bytes() -> None:
+    g, d = _held_tiny_tcp_header()
+    off, taken, _ = g.extend(memoryview(d + d), 0, 2 * len(d), len(d), targets.PREFIX)
+    assert (off, taken) == (0, 0) and g.ip_len == 0
+
+
 # ---- coverage-guided, bounded (CI) ----------------------------------------------------
 
 @pytest.mark.fuzz
