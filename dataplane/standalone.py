@@ -104,6 +104,9 @@ def _parser() -> _Parser:
     p.add_argument("--tx-gso", choices=("on", "off"), default="on",
                    help="with --offload off: full-size packets to one peer drained in one "
                         "wake-up go out in one UDP GSO send (default on)")
+    p.add_argument("--tunnel-gso", choices=("auto", "on", "off"), default="auto",
+                   help="with --offload on: TCP super-packets wrapped once and segmented by the "
+                        "kernel through a TAP (Linux >= 6.17); auto = when available")
     p.add_argument("--inner-source-check", choices=("on", "off"), default="on",
                    help="drop a peer's datagrams whose inner IPv4 source is outside that "
                         "peer's subnet (default on; off only for debugging)")
@@ -181,7 +184,8 @@ def main(argv: list[str]) -> int:
             vtep_mac=args.vtep_mac or wire.random_vtep_mac(), vni=args.vni, mtu=args.mtu,
             tun_name=args.tun_name, port=args.port, batch=args.batch,
             offload=args.offload == "on", rx_gro=args.rx_gro == "on",
-            tx_gso=args.tx_gso == "on", check_inner_source=args.inner_source_check == "on")
+            tx_gso=args.tx_gso == "on", check_inner_source=args.inner_source_check == "on",
+            tunnel_gso=args.tunnel_gso)
         if args.stats_interval <= 0:
             raise _UsageError(f"--stats-interval must be > 0, got {args.stats_interval}")
         coro = _run(config, args.peer, args.stats_file, args.stats_interval)
