@@ -5,7 +5,8 @@ up first, then measured interleaved: warm-up and ping RTTs, iperf3 TCP with 1 an
 4 streams (each repetition visits every mode in turn), and a zero-loss UDP
 packet-rate search per payload size. Afterwards the control plane is measured at
 scale (:mod:`benchmarks.scale`). The results go to ``--out`` as JSON (the source
-of truth), a Markdown table and a PNG plot; the headline is each mode's ratio to
+of truth), a Markdown table and, with the ``[bench]`` extra (matplotlib), a PNG
+plot; the headline is each mode's ratio to
 the kernel VXLAN mode of the same run.
 """
 
@@ -326,5 +327,7 @@ def main(argv: list[str]) -> int:
     paths = report.write_all(doc, args.out)
     print(report.markdown(doc))
     print(report.headline_text(doc))
-    print(f"\nresults: {paths['json']}, {paths['md']}, {paths['png']}")
+    print(f"\nresults: {', '.join(paths.values())}")
+    if "png" not in paths:
+        print(f"no results.png: {report.PLOT_NEEDS}")
     return 1 if any(m["status"] == "failed" for m in doc["modes"]) else 0

@@ -8,6 +8,7 @@ pure functions (unit-tested without root); only :func:`write_all` touches files.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -303,9 +304,17 @@ def headline_text(doc: Mapping[str, Any]) -> str:
 
 
 # ---- plot -----------------------------------------------------------------------------
+PLOT_NEEDS = "the plot needs matplotlib: pip install 'flannelette[bench]'"
+
+
+def can_plot() -> bool:
+    """matplotlib is the ``[bench]`` extra: a plain install still measures and reports."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def plot(doc: Mapping[str, Any], path: str) -> None:
     """A PNG with TCP throughput and UDP packet rate per mode (median, min–max bars)."""
-    import matplotlib
+    import matplotlib  # the optional [bench] extra: imported only when drawing
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -355,9 +364,11 @@ def plot(doc: Mapping[str, Any], path: str) -> None:
 
 
 def write_all(doc: Mapping[str, Any], out_dir: str) -> dict[str, str]:
-    """Write results.json, results.md and results.png into ``out_dir``; return their paths."""
+    """Write results.json, results.md and (with matplotlib) results.png into ``out_dir``;
+    return the paths written, by kind."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = {k: os.path.join(out_dir, f"results.{k}") for k in ("json", "md", "png")}
+    kinds = ("json", "md", "png") if can_plot() else ("json", "md")
+    paths = {k: os.path.join(out_dir, f"results.{k}") for k in kinds}
     tmp = paths["json"] + ".tmp"
     with open(tmp, "w") as f:
         json.dump(doc, f, indent=1, sort_keys=False)
@@ -365,5 +376,6 @@ def write_all(doc: Mapping[str, Any], out_dir: str) -> dict[str, str]:
     os.replace(tmp, paths["json"])
     with open(paths["md"], "w") as f:
         f.write(markdown(doc))
-    plot(doc, paths["png"])
+    if "png" in paths:
+        plot(doc, paths["png"])
     return paths

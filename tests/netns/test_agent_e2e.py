@@ -10,6 +10,8 @@ import pytest
 from benchmarks.cluster import AgentProcess, Cluster
 from benchmarks.lab import Lab
 
+pytestmark = [pytest.mark.netns("ping"), pytest.mark.etcd("etcdctl")]
+
 # The seed's exact casing; its 172.7.0.0/16 moved to 10.7.0.0/16 (labs use 10.x only).
 # tests/netns/test_registry_etcd.py parses the seed's string byte for byte.
 SEED = '{"Network":"10.7.0.0/16","Backend":{"Type":"VxLAN","Directrouting":true}}'

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from benchmarks.lab import Lab
+
+pytestmark = pytest.mark.netns
 
 _PROBE = """
 import json, sys

@@ -13,8 +13,6 @@ The helpers (``ThreeHosts``, ``three_host_world``, ``restart_with``, ``tx_to``,
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +23,8 @@ import pytest
 from benchmarks.cluster import AgentProcess, Cluster
 from benchmarks.lab import Host, Lab
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns("ping", "iperf3"), pytest.mark.etcd("etcdctl")]
+
 
 PREFIX = "/coreos.com/network"
 CONFIG_KEY = f"{PREFIX}/config"
@@ -56,18 +55,9 @@ class ThreeHosts:
         return self.agents[host.name]
 
 
-def need_lab_tools() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, TUN)")
-    for tool in ("ip", "etcd", "etcdctl"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool}")
-
-
 @contextlib.contextmanager
 def three_hosts_lab() -> Iterator[ThreeHosts]:
     """h1, h2 on segment A, h3 on B (behind the router), containers, etcd started."""
-    need_lab_tools()
     with Lab() as lab:
         lab.add_segment("A", "10.10.1.0/24")
         lab.add_segment("B", "10.10.2.0/24")

@@ -10,6 +10,8 @@ from benchmarks.lab import Lab
 from tests.netns.test_masq_traffic import install_masq
 from tests.netns.test_routes_kernel import TUN, add_tun, drive, our_routes, peers_of, three_hosts
 
+pytestmark = pytest.mark.netns
+
 
 def test_cleanup_removes_everything_we_installed_and_only_that(lab: Lab) -> None:
     h1, h2, h3 = three_hosts(lab)
@@ -44,4 +46,3 @@ def test_cleanup_removes_everything_we_installed_and_only_that(lab: Lab) -> None
     assert again.stdout == ""
 
 
-pytestmark = pytest.mark.netns

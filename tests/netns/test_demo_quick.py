@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,14 +16,7 @@ import pytest
 from benchmarks.cluster import REPO
 from benchmarks.demo import list_netns, pid_alive, state_path
 
-
-@pytest.fixture(autouse=True)
-def _root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, TUN)")
-    for tool in ("ip", "etcd", "etcdctl", "ping"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool}")
+pytestmark = [pytest.mark.netns("ping"), pytest.mark.etcd("etcdctl")]
 
 
 def demo(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

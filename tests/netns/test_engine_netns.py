@@ -21,7 +21,8 @@ from benchmarks.lab import Host, Lab
 from dataplane.standalone import command, read_stats
 from dataplane.stats import EngineStats
 
-pytestmark = pytest.mark.netns
+pytestmark = pytest.mark.netns("ping")
+
 
 MAC1, MAC2 = "0a:11:22:33:44:01", "0a:11:22:33:44:02"  # tests/unit/test_wire.py's OWN/PEER
 ROOT = str(Path(__file__).resolve().parents[2])

@@ -12,7 +12,8 @@ from benchmarks.lab import Lab
 from control.lease import decode_attrs
 from tests.netns.test_engine_netns import tcp_transfer
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.etcd("etcdctl")]
+
 
 PREFIX = "/coreos.com/network"
 

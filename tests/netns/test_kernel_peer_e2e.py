@@ -19,10 +19,11 @@ import pytest
 from benchmarks.cluster import Cluster
 from benchmarks.kernel_vxlan import KernelVxlan
 from benchmarks.lab import Host, Lab
-from tests.netns.test_backends_e2e import PREFIX, VXLAN_DR, need_lab_tools
+from tests.netns.test_backends_e2e import PREFIX, VXLAN_DR
 from tests.netns.test_engine_netns import tcp_transfer
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.etcd("etcdctl")]
+
 
 NBYTES = 512 << 10
 
@@ -64,7 +65,6 @@ def follow_leases(cluster: Cluster, kv: KernelVxlan) -> list[str]:
 
 
 def test_kernel_vxlan_node_and_flannelette_nodes_reach_each_other(lab: Lab) -> None:
-    need_lab_tools()
     lab.add_segment("A", "10.10.1.0/24")
     lab.add_segment("B", "10.10.2.0/24")
     h1 = lab.add_host("h1", "A", "10.7.1.0/24")

@@ -6,26 +6,23 @@ run; each step checks the paths in /status, the kernel routes, the per-peer log
 lines, and that the agents are the same processes. Losses are measured per
 switch (sequence numbers of a 10 pps ping) and must stay inside the switch.
 A second test feeds bad, refused and deleted configs and one more switch over
-the v2 API. The ConfigWatch methods are also checked directly on a real etcd.
+the v2 API. (The ConfigWatch methods are checked directly on a real etcd in
+test_registry_etcd.py.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import re
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
 from benchmarks.cluster import AgentProcess
-from benchmarks.etcd import EtcdServer
 from benchmarks.lab import Host, Lab
-from control.registry import ConfigWatch, EtcdOptions, open_api
 from tests.netns.test_backends_e2e import (
     CONFIG_KEY,
     HOST_GW,
@@ -44,7 +41,8 @@ from tests.netns.test_backends_e2e import (
     wait_routes,
 )
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns("ping"), pytest.mark.etcd("etcdctl")]
+
 
 INTERVAL = 0.1  # ping interval while switching (10 packets per second)
 COUNT = 80  # 8 s of pings per switch
@@ -256,34 +254,3 @@ def test_bad_refused_and_deleted_configs_keep_the_running_one_v2(world: ThreeHos
     for a in w.agents.values():
         assert "Traceback" not in a.log(), a.log()
 
-
-def _config_watch_roundtrip(endpoint: str, server: EtcdServer, api: str) -> list[Any]:
-    async def run() -> list[Any]:
-        reg = open_api(api, EtcdOptions(endpoints=(endpoint,), prefix="/t"))
-        assert isinstance(reg, ConfigWatch)
-        n = int(api[1])
-        seen: list[Any] = []
-        try:
-            text, cursor = await reg.get_config_rev()
-            seen.append(text)
-            idle = await reg.watch_config(cursor, 0.3)
-            seen.append((idle.changed, idle.cursor == cursor))
-            server.etcdctl("set" if n == 2 else "put", "/t/config", "A", api=n)
-            server.etcdctl("rm" if n == 2 else "del", "/t/config", api=n)
-            server.etcdctl("set" if n == 2 else "put", "/t/config", "B", api=n)
-            for _ in range(3):
-                ev = await reg.watch_config(cursor, 10)
-                assert ev.changed and ev.cursor > cursor
-                cursor = ev.cursor
-                seen.append(ev.value)
-            seen.append((await reg.get_config_rev())[0])
-        finally:
-            await reg.close()
-        return seen
-    return asyncio.run(run())
-
-
-@pytest.mark.parametrize("api", ["v2", "v3"])
-def test_config_watch_sees_set_delete_set_in_order(etcd: EtcdServer, api: str) -> None:
-    seen = _config_watch_roundtrip(etcd.endpoint, etcd, api)
-    assert seen == [None, (False, True), "A", None, "B", "B"]

@@ -21,6 +21,7 @@ from tests.unit.test_wire import ARP_CASES, RX_CASES, frame
 
 pytestmark = pytest.mark.netns
 
+
 _SENDER = """
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

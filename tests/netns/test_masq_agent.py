@@ -13,14 +13,13 @@ import pytest
 
 from benchmarks.cluster import Cluster
 from benchmarks.lab import Lab
-from tests.netns.test_backends_e2e import VXLAN, need_lab_tools
+from tests.netns.test_backends_e2e import VXLAN
 from tests.netns.test_masq_traffic import seen_source
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.etcd("etcdctl")]
 
 
 def test_agent_ip_masq_outside_sees_host_overlay_keeps_source(lab: Lab) -> None:
-    need_lab_tools()
     lab.add_segment("A", "10.10.1.0/24")
     h1 = lab.add_host("h1", "A", "10.7.1.0/24")
     h2 = lab.add_host("h2", "A", "10.7.2.0/24")
@@ -68,7 +67,6 @@ def test_masq_rules_follow_a_reacquired_different_subnet(lab: Lab) -> None:
     """Our key overwritten by another node: the agent moves to a new subnet and its
     masquerade rules name the new subnet, not the old one (containers of the new
     subnet keep their source inside the Network and are masqueraded leaving it)."""
-    need_lab_tools()
     lab.add_segment("A", "10.10.1.0/24")
     h1 = lab.add_host("h1", "A", "10.7.1.0/24")
     with Cluster(lab) as cluster:

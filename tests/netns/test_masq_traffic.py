@@ -16,6 +16,8 @@ import pytest
 
 from benchmarks.lab import Host, Lab
 
+pytestmark = pytest.mark.netns
+
 NETWORK = "10.244.0.0/16"
 PORT = 9999
 
@@ -110,4 +112,3 @@ def test_ip_masq_outside_sees_host_overlay_keeps_source(lab: Lab, tool: str) -> 
         h2.container_ip)
 
 
-pytestmark = pytest.mark.netns

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.cluster import AgentProcess, Cluster
 from benchmarks.lab import Lab
+
+pytestmark = [pytest.mark.netns, pytest.mark.etcd("etcdctl")]
 
 CONFIG = '{"Network":"10.7.0.0/16","Backend":{"Type":"VxLAN"}}'
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

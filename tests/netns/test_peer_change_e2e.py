@@ -34,7 +34,8 @@ from tests.netns.test_backends_e2e import (
     wait_routes,
 )
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.etcd("etcdctl")]
+
 
 NEW_IP = "10.10.1.20"
 

@@ -18,8 +18,17 @@ from control.config import BackendType, parse_config
 from control.errors import ConfigError, ConfigNotFound
 from control.keeper import LeaseKeeper
 from control.lease import LeaseAttrs, decode_attrs, decode_lease, encode_attrs
-from control.registry import EtcdOptions, Registry, WatchEvent, discover, open_api
+from control.registry import (
+    ConfigWatch,
+    EtcdOptions,
+    Registry,
+    WatchEvent,
+    discover,
+    open_api,
+)
 from control.watch import PeerMap, PeerWatcher
+
+pytestmark = pytest.mark.etcd("etcdctl")
 
 N = ipaddress.IPv4Network
 A = ipaddress.IPv4Address
@@ -398,3 +407,43 @@ def test_hung_etcd_is_noticed_and_watch_resumes(etcd: EtcdServer, api: int) -> N
             await asyncio.gather(task, return_exceptions=True)
             await reg.close()
     run(go())
+
+
+def test_etcd_fixture_serves_v2_and_v3(etcd: EtcdServer) -> None:
+    etcd.etcdctl("set", "/k2", "v2value", api=2)
+    etcd.etcdctl("put", "/k3", "v3value", api=3)
+    assert etcd.etcdctl("get", "/k2", api=2).stdout.strip() == "v2value"
+    assert "v3value" in etcd.etcdctl("get", "/k3", api=3).stdout
+    assert etcd.etcdctl("get", "/k2", api=3).stdout.strip() == ""
+
+
+def _config_watch_roundtrip(endpoint: str, server: EtcdServer, api: str) -> list[Any]:
+    async def run() -> list[Any]:
+        reg = open_api(api, EtcdOptions(endpoints=(endpoint,), prefix="/t"))
+        assert isinstance(reg, ConfigWatch)
+        n = int(api[1])
+        seen: list[Any] = []
+        try:
+            text, cursor = await reg.get_config_rev()
+            seen.append(text)
+            idle = await reg.watch_config(cursor, 0.3)
+            seen.append((idle.changed, idle.cursor == cursor))
+            server.etcdctl("set" if n == 2 else "put", "/t/config", "A", api=n)
+            server.etcdctl("rm" if n == 2 else "del", "/t/config", api=n)
+            server.etcdctl("set" if n == 2 else "put", "/t/config", "B", api=n)
+            for _ in range(3):
+                ev = await reg.watch_config(cursor, 10)
+                assert ev.changed and ev.cursor > cursor
+                cursor = ev.cursor
+                seen.append(ev.value)
+            seen.append((await reg.get_config_rev())[0])
+        finally:
+            await reg.close()
+        return seen
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("api", ["v2", "v3"])
+def test_config_watch_sees_set_delete_set_in_order(etcd: EtcdServer, api: str) -> None:
+    seen = _config_watch_roundtrip(etcd.endpoint, etcd, api)
+    assert seen == [None, (False, True), "A", None, "B", "B"]

@@ -24,6 +24,8 @@ from control.keeper import LeaseKeeper
 from control.lease import LeaseAttrs
 from control.registry import EtcdOptions, discover, open_api
 
+pytestmark = pytest.mark.etcd("etcdctl", "openssl")
+
 PREFIX = "/coreos.com/network"
 CONFIG = '{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}'
 
@@ -47,8 +49,6 @@ def _certs(d: str) -> None:
 @pytest.fixture
 def tls_etcd() -> Iterator[tuple[str, str]]:
     """(endpoint, cert dir) of an etcd that requires client certificates."""
-    if shutil.which("etcd") is None or shutil.which("openssl") is None:
-        pytest.skip("needs etcd and openssl")
     d = tempfile.mkdtemp(prefix="flannelette-tls-")
     proc = None
     try:

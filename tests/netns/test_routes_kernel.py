@@ -18,6 +18,8 @@ import pytest
 
 from benchmarks.lab import Host, Lab
 
+pytestmark = pytest.mark.netns
+
 NETWORK = "10.244.0.0/16"
 TUN = "fltun0"
 MAC2, MAC3 = "0a0000000002", "0a0000000003"
@@ -226,7 +228,6 @@ def test_own_route_change_triggers_reevaluation(lab: Lab) -> None:
     assert our_routes(lab, h1) == [f"{NETWORK} dev {TUN} scope link"]
 
 
-
 def test_ip_forward_off_is_reported(lab: Lab) -> None:
     h1, h2, _h3 = three_hosts(lab)
     r = drive(lab, h1, op="sync", backend="host-gw", dr=False, peers=peers_of(h2))
@@ -237,4 +238,3 @@ def test_ip_forward_off_is_reported(lab: Lab) -> None:
     assert any("ip_forward is 0" in line for line in r["logs"])
 
 
-pytestmark = pytest.mark.netns

@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from benchmarks.cluster import REPO, AgentProcess, Cluster
 from benchmarks.lab import Lab
+
+pytestmark = [pytest.mark.netns, pytest.mark.etcd("etcdctl")]
 
 CONFIG = '{"Network":"10.7.0.0/16","Backend":{"Type":"VxLAN","Directrouting":true}}'
 

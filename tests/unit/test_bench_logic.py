@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 from typing import Any
 
@@ -191,10 +192,22 @@ def test_markdown_has_a_row_per_mode_and_says_not_done() -> None:
 
 
 def test_write_all_writes_json_table_and_png(tmp_path) -> None:
+    if not report.can_plot():
+        pytest.skip("needs matplotlib (the [bench] extra)")
     paths = report.write_all(report.finalize(_doc()), str(tmp_path / "out"))
     with open(paths["png"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(paths["md"]) > 0 and os.path.getsize(paths["json"]) > 0
+
+
+def test_write_all_without_matplotlib_writes_json_and_table(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(report, "can_plot", lambda: False)
+    paths = report.write_all(report.finalize(_doc()), str(tmp_path / "out"))
+    assert sorted(paths) == ["json", "md"]
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["modes"]
+    assert (tmp_path / "out" / "results.md").read_text()
+    assert not (tmp_path / "out" / "results.png").exists()
+    assert report.PLOT_NEEDS.endswith("pip install 'flannelette[bench]'")
 
 
 def test_markdown_scale_table_shows_each_run_and_failures() -> None:
