@@ -15,15 +15,11 @@ is retried with backoff, never a traceback.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine
-from typing import TypeVar
 
 import uvloop
 
@@ -38,11 +34,11 @@ from control.lease import Lease
 from control.options import AgentOptions, build_parser, parse_args
 from control.statusdoc import Snapshot, WatchState
 from control.supervisor import Supervisor
+from control.tasks import run_together, until_stopped
 from control.watch import PeerWatcher
 from dataplane.errors import DataplaneError
 
 log = logging.getLogger("flannelette.agent")
-T = TypeVar("T")
 
 
 async def run(opts: AgentOptions, stop: asyncio.Event) -> int:
@@ -70,14 +66,12 @@ async def run(opts: AgentOptions, stop: asyncio.Event) -> int:
         if watcher is not None:
             watcher.own_subnet_changed()
 
-    def preferred() -> list[ipaddress.IPv4Network]:
-        old = subnetenv.read_subnet(opts.subnet_file)
-        return [old] if old is not None else []
-    keeper = LeaseKeeper(registry, config, dp.lease_attrs(), preferred=preferred,
+    keeper = LeaseKeeper(registry, config, dp.lease_attrs(),
+                         preferred=lambda: subnetenv.previous(opts.subnet_file),
                          ttl=opts.lease_ttl, margin=opts.renew_margin, clock=time.time,
                          on_acquired=acquired)
     try:
-        lease = await _until_stopped(keeper.acquire(), stop)
+        lease = await until_stopped(keeper.acquire(), stop)
         if lease is None:
             return 0
         b = config.backend
@@ -106,7 +100,8 @@ async def run(opts: AgentOptions, stop: asyncio.Event) -> int:
             log.info("serving /healthz /readyz /status /metrics on %s:%d", opts.healthz_ip,
                      server.port)
         try:
-            await _serve(stop, watcher.run(), keeper.run(), dp.run(), follower.run(text))
+            await run_together(watcher.run(), keeper.run(), dp.run(), follower.run(text),
+                               stop=stop)
         finally:
             log.info("stopping; the lease on %s is kept for a restart", keeper.subnet)
             if server is not None:
@@ -115,43 +110,6 @@ async def run(opts: AgentOptions, stop: asyncio.Event) -> int:
     finally:
         await dp.close()
         await registry.close()
-
-
-async def _until_stopped(work: Coroutine[object, object, T], stop: asyncio.Event) -> T | None:
-    """``work``'s result, or None (``work`` cancelled) if ``stop`` is set first."""
-    task = asyncio.ensure_future(work)
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-    return None if task.cancelled() else task.result()
-
-
-async def _serve(stop: asyncio.Event, *forever: Coroutine[object, object, None]) -> None:
-    """Run ``forever`` side by side until ``stop``; the first to fail ends all of them
-    with its error (a plain exception for main(), not an ExceptionGroup)."""
-    tasks = [asyncio.ensure_future(c) for c in forever]
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        while not stop.is_set() and not all(t.done() for t in tasks):
-            await asyncio.wait({stopper, *(t for t in tasks if not t.done())},
-                               return_when=asyncio.FIRST_COMPLETED)
-            for t in tasks:
-                failure = t.exception() if t.done() and not t.cancelled() else None
-                if failure is not None:
-                    raise failure
-    finally:
-        stopper.cancel()
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(BaseException):
-                await t
 
 
 def main(argv: list[str]) -> int:

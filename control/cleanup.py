@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from control import masq, netlink
+from control.routes import remove_all_routes
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +33,7 @@ def main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(list(argv))
     failures: list[str] = []
     try:
-        for r in netlink.remove_routes(netlink.RT_PROTO, args.table):
+        for r in remove_all_routes(netlink.RT_PROTO, args.table):
             print(f"removed route {r}")
     except Exception as e:  # report each failure by name, never a traceback
         failures.append(f"routes: {e}")

@@ -177,7 +177,7 @@ class RouteProgrammer:
     async def remove_all(self) -> tuple[Route, ...]:
         """Delete every route we installed (for cleanup); returns what was removed."""
         async with self._lock:
-            removed = await asyncio.to_thread(netlink.remove_routes, self.proto, self.table)
+            removed = await asyncio.to_thread(remove_all_routes, self.proto, self.table)
             self._installed = ()
             self._paths.clear()
             return removed
@@ -239,6 +239,13 @@ class RouteProgrammer:
     def path_of(self) -> Mapping[ipaddress.IPv4Network, Path]:
         """Subnet -> path of the last sync."""
         return dict(self._paths)
+
+
+def remove_all_routes(proto: int = netlink.RT_PROTO, table: int = netlink.MAIN_TABLE
+                      ) -> tuple[Route, ...]:
+    """Delete every route carrying our protocol tag, whoever's run installed it
+    (``flannelette cleanup`` takes a node out with it); returns what was removed."""
+    return netlink.remove_routes(proto, table)
 
 
 _FORWARD_WARNING = ("net.ipv4.ip_forward is 0: packets for our containers sent by "

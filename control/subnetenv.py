@@ -54,6 +54,12 @@ def read_subnet(path: str) -> ipaddress.IPv4Network | None:
         return None
 
 
+def previous(path: str) -> list[ipaddress.IPv4Network]:
+    """The subnet an earlier run held (the keeper prefers it, so a restart keeps it)."""
+    old = read_subnet(path)
+    return [old] if old is not None else []
+
+
 def write(path: str, env: SubnetEnv) -> None:
     """Write via a temp file in the same directory and rename, so readers never see half."""
     directory = os.path.dirname(os.path.abspath(path))

@@ -29,6 +29,7 @@ from control.lease import Lease, LeaseAttrs
 from control.reconcile import Decision
 from control.routes import Handoff, RouteProgrammer
 from control.statusdoc import DataplaneState
+from control.tasks import run_together
 from control.watch import PeerMap
 from dataplane.engine import Engine, EngineConfig
 from dataplane.errors import DataplaneError
@@ -285,9 +286,7 @@ class Supervisor:
 
     async def run(self) -> None:
         """Forever: latest leases -> routes -> engine, and route re-evaluations."""
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._apply_loop())
-            tg.create_task(self._watch_routes())
+        await run_together(self._apply_loop(), self._watch_routes())
 
     async def _apply_loop(self) -> None:
         backoff = Backoff(base=0.5, cap=10.0)
