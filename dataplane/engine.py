@@ -39,12 +39,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dataplane import csum, gro, vnet, wire
-from dataplane.errors import ConfigError
+from dataplane.errors import ConfigError, DeviceError
 from dataplane.fib import Fib, Peer
 from dataplane.recorder import FlightRecorder
 from dataplane.stats import Counters, EngineStats, PeerStats
 from dataplane.tap import TapHub, TapSubscriber
 from dataplane.tun import HEAD, TunDevice, TxBatch
+from dataplane.txtap import TunnelTx, host_reason
 from dataplane.udp import GSO_MAX_SEGS, UDP_MAX, UdpEndpoint
 from dataplane.wire import ENCAP_HLEN, OFF_IP, DropReason, Frame
 
@@ -78,6 +79,11 @@ class EngineConfig:
     tx_gso: bool = True
     # Drop datagrams from a peer whose inner IPv4 source lies outside that peer's subnet.
     check_inner_source: bool = True
+    # With ``offload``: hand each TCP super-packet, wrapped once in outer headers, to the
+    # kernel through a TAP that segments it (dataplane/txtap.py). "auto": when the kernel
+    # and host allow it, else the userspace split; "on": required; "off": never.
+    tunnel_gso: str = "auto"
+    tunnel_tap_name: str | None = None  # default f"fltx.{vni}"
 
     def __post_init__(self) -> None:
         if len(self.vtep_mac) != 6 or self.vtep_mac[0] & 1:
@@ -90,6 +96,13 @@ class EngineConfig:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")
         if self.batch < 1:
             raise ConfigError(f"batch must be >= 1, got {self.batch}")
+        if self.tunnel_gso not in ("auto", "on", "off"):
+            raise ConfigError(f"tunnel_gso must be auto, on or off, got {self.tunnel_gso!r}")
+        if self.tunnel_gso == "on" and not self.offload:
+            raise ConfigError("tunnel GSO needs offload on (TUN TSO super-packets to hand over)")
+        tap = self.tap_name
+        if not tap or len(tap.encode()) > 15:
+            raise ConfigError(f"TAP name must be 1..15 bytes, got {tap!r}")
         name = self.device_name
         if not name or len(name.encode()) > 15:
             raise ConfigError(f"TUN name must be 1..15 bytes, got {name!r}")
@@ -97,6 +110,10 @@ class EngineConfig:
     @property
     def device_name(self) -> str:
         return self.tun_name or f"flannel.{self.vni}"
+
+    @property
+    def tap_name(self) -> str:
+        return self.tunnel_tap_name or f"fltx.{self.vni}"
 
     @property
     def tx_slots(self) -> int:
@@ -107,8 +124,8 @@ class EngineConfig:
 class Route:
     """What the packet path needs of one tunnelled peer, built once per peer set."""
 
-    __slots__ = ("addr", "key", "mac", "mac_text", "net", "partial", "peer", "prefix",
-                 "public_ip", "stats")
+    __slots__ = ("addr", "ip_bytes", "key", "mac", "mac_text", "net", "partial", "peer",
+                 "prefix", "public_ip", "stats")
 
     def __init__(self, peer: Peer, vtep_mac: bytes, prefix: bytes, port: int,
                  stats: PeerStats) -> None:
@@ -116,6 +133,7 @@ class Route:
         self.key = str(peer.subnet)  # counters, drops and taps name the peer by its subnet
         self.public_ip = str(peer.public_ip)
         self.addr = (self.public_ip, port)  # sendto() address
+        self.ip_bytes = peer.public_ip.packed  # the outer destination of tunnel GSO writes
         self.mac = vtep_mac
         self.mac_text = wire.mac_to_str(vtep_mac)
         self.net = int(peer.subnet.network_address)  # the inner-source check
@@ -181,6 +199,10 @@ class Engine:
         self._rxbufs = [self._rxview]
         self._gro: gro.Coalescer | None = None
         self._readers: list[int] = []
+        self._tunnel: TunnelTx | None = None
+        self.tunnel_reason = "off" if config.tunnel_gso == "off" else (
+            "needs offload on" if not config.offload else "not started")
+        self._own_ip = config.public_ip.packed
 
     # ---- lifecycle --------------------------------------------------------------------
     @property
@@ -195,7 +217,10 @@ class Engine:
             self._tun, self._udp = open_devices(cfg)
             try:
                 await self._tun.configure(f"{cfg.subnet.network_address}/32", cfg.mtu,
-                                          cfg.tun_txqueuelen)
+                                          cfg.tun_txqueuelen,
+                                          65535 - wire.OVERHEAD - 14 if cfg.offload else None)
+                if cfg.offload and cfg.tunnel_gso != "off":
+                    await self._start_tunnel()
             except BaseException:
                 await self.close()
                 raise
@@ -208,6 +233,43 @@ class Engine:
                 self._loop.add_reader(fd, cb)
                 self._readers.append(fd)
 
+    async def _start_tunnel(self) -> None:
+        """Open the tunnel-GSO TAP, or note why not ("on": that is an error)."""
+        cfg = self.config
+        reason = host_reason()
+        tunnel = None
+        if reason is None:
+            try:
+                tunnel = TunnelTx.open(cfg.tap_name)
+                await tunnel.configure()
+            except DeviceError as e:
+                if tunnel is not None:
+                    tunnel.close()
+                tunnel = None
+                reason = str(e)
+        if tunnel is None:
+            if cfg.tunnel_gso == "on":
+                raise DeviceError(f"tunnel GSO unavailable: {reason}")
+            self.tunnel_reason = f"unavailable: {reason}"
+            return
+        self.attach_tunnel(tunnel)
+
+    def attach_tunnel(self, tunnel: TunnelTx) -> None:
+        """Send TCP super-packets through ``tunnel`` (the kernel segments them)."""
+        assert self._tun is not None
+        self._tunnel = tunnel
+        self._tun.keep_super = True
+        self.tunnel_reason = f"on ({tunnel.name})"
+
+    @property
+    def tx_path(self) -> str:
+        """How the tx loop sends, for /status and the bench output."""
+        if self._tunnel is not None:
+            return "tunnel-gso"
+        if self.config.offload:
+            return "tso-split+udp-gso"
+        return "udp-gso" if self.config.tx_gso else "per-datagram"
+
     async def close(self) -> None:
         """Unregister the readers; close the devices we opened (closing the TUN deletes it)."""
         if self._loop is not None:
@@ -219,6 +281,9 @@ class Engine:
                 self._tun.close()
             if self._udp is not None:
                 self._udp.close()
+            if self._tunnel is not None:
+                self._tunnel.close()
+                self._tunnel = None
 
     # ---- peers and counters -------------------------------------------------------------
     def set_peers(self, peers: Iterable[Peer]) -> None:
@@ -247,7 +312,7 @@ class Engine:
         c["tx_gso_sends"] = self._udp.gso_sends if self._udp is not None else 0
         c["tap_records"] = self._taps.records
         c["tap_records_lost"] = self._taps.lost
-        return EngineStats(
+        return EngineStats(tx_path=self.tx_path, tunnel_gso=self.tunnel_reason,
             peers={k: s.freeze() for k, s in self._peer_stats.items()},
             drops={r.value: v for r, v in self._drops.items()},
             peer_drops=dict(self._peer_drops), **c)
@@ -304,15 +369,15 @@ class Engine:
         tx, mask = table.tx, table.mask
         check, from_bytes, complete = wire.check_tun_packet, int.from_bytes, csum.complete_checksum
         c, maxlen, flush = self._c, self._max_tun, self._flush
-        tap = self._tap
+        tap, tunnel, gsos = self._tap, self._tunnel, b.gso
         total = 0
         limit = self.config.batch
         while total < limit:
             k = tun.read_batch(b)
             if b.error is not None:
                 self._drop(b.error, TX, None, None)
-            for reason, o, n in b.rejects:
-                self._drop(reason, TX, None, b.super_view[o:o + n])
+            for reason, data in b.rejects:
+                self._drop(reason, TX, None, data)
             if b.splits:
                 c.tso_splits += len(b.splits)
                 c.tso_segments += sum(n for _, n in b.splits)
@@ -332,6 +397,12 @@ class Engine:
                 route = tx.get(from_bytes(buf[ip + 16:ip + 20], "big") & mask)
                 if route is None:
                     self._unreachable(ip, plen)
+                    continue
+                if tunnel is not None and gsos[i]:  # the kernel cuts it after encapsulation
+                    if run is not None:
+                        flush(run, first, end, seglen, npk, nby, i0)
+                        run = None
+                    self._tunnel_send(tunnel, route, o, plen, gsos[i])
                     continue
                 cs = csums[i]
                 if cs:
@@ -380,6 +451,34 @@ class Engine:
         tap = self._tap
         if tap is not None:
             self._tap_run(tap, route, i0, npk, sent == npk, seglen)
+
+    def _tunnel_send(self, tunnel: TunnelTx, route: Route, o: int, plen: int,
+                     mss: int) -> None:
+        """One TCP super-packet, wrapped once, written to the tunnel-GSO TAP."""
+        view = self._txb.view
+        ip = o + ENCAP_HLEN
+        inner = view[ip:ip + plen]
+        cfg = self.config
+        hdr = tunnel.header(inner, mss, self._own_ip, route.ip_bytes, route.mac, self._own_mac,
+                            cfg.vni, cfg.port)
+        ihl = (view[ip] & 0x0F) << 2
+        hl = ihl + ((view[ip + ihl + 12] >> 4) << 2)
+        segs = max(1, -(-(plen - hl) // mss))
+        if not tunnel.write([hdr, inner]):
+            self._drop(DropReason.TUN_WRITE_FAILED, TX, route, inner, count=segs)
+            return
+        st = route.stats
+        st.tx_packets += segs
+        st.tx_bytes += plen + (segs - 1) * hl
+        c = self._c
+        c.tunnel_gso_writes += 1
+        c.tunnel_gso_segments += segs
+        tap = self._tap
+        if tap is not None:
+            tap.emit(TX, "forwarded", "", f"kernel tunnel GSO: one write, {segs} segments of "
+                     f"MSS {mss}", route.key, route.public_ip, route.mac_text, inner,
+                     hdr[-ENCAP_HLEN:] + bytes(inner), str(cfg.public_ip), route.public_ip,
+                     int.from_bytes(hdr[-ENCAP_HLEN - 8:-ENCAP_HLEN - 6], "big"), cfg.port)
 
     def _tap_run(self, tap: TapHub, route: Route, i0: int, npk: int, ok: bool,
                  seglen: int) -> None:

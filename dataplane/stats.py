@@ -18,7 +18,8 @@ class Counters:
 
     __slots__ = ("arp_replies", "icmp_unreachable", "rx_csum_partial", "rx_gro_merged",
                  "rx_gso", "tap_records", "tap_records_lost", "tso_segments", "tso_splits",
-                 "tun_max_batch", "tun_packets", "tun_wakeups", "tx_csum_completed",
+                 "tun_max_batch", "tun_packets", "tun_wakeups", "tunnel_gso_segments",
+                 "tunnel_gso_writes", "tx_csum_completed",
                  "tx_csum_partial", "tx_gso_sends", "udp_max_batch", "udp_packets",
                  "udp_wakeups")
 
@@ -35,6 +36,8 @@ class Counters:
         self.tun_max_batch = 0
         self.tun_packets = 0
         self.tun_wakeups = 0
+        self.tunnel_gso_segments = 0
+        self.tunnel_gso_writes = 0
         self.tx_csum_completed = 0
         self.tx_csum_partial = 0
         self.tx_gso_sends = 0
@@ -102,7 +105,10 @@ class EngineStats:
     tso_segments: int = 0
     tap_records: int = 0  # records handed to captures and traces
     tap_records_lost: int = 0  # records a full tap queue could not take (traffic unaffected)
-
+    tunnel_gso_writes: int = 0  # super-packets handed to the kernel to segment (one write each)
+    tunnel_gso_segments: int = 0  # the datagrams those writes became
+    tx_path: str = ""  # tunnel-gso | tso-split+udp-gso | udp-gso | per-datagram
+    tunnel_gso: str = ""  # on (device) | off | unavailable: why
     @property
     def total_drops(self) -> int:
         return sum(self.drops.values())

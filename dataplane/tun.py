@@ -17,6 +17,7 @@ a fake device (tests/devices.py) replaces.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import functools
 import os
@@ -52,11 +53,13 @@ class TxBatch:
     checksums are complete, else ``csum_start << 8 | csum_offset`` of a partial
     TCP/UDP checksum (NEEDS_CSUM from the TUN, or a TSO segment). Full-size
     packets lie back to back, so a run of them is one UDP GSO datagram train.
-    ``splits`` lists ``(first index, segments)`` per TSO super-packet;
-    ``rejects`` ``(reason, offset, length)`` per packet the device refused.
+    ``gso[i]`` is 0, or the MSS of a whole TCP super-packet kept for the kernel
+    to segment (tunnel GSO). ``splits`` lists ``(first index, segments)`` per TSO
+    super-packet cut here; ``rejects`` ``(reason, packet bytes)`` per packet the
+    device refused.
     """
 
-    __slots__ = ("buf", "count", "csum", "error", "nslots", "off", "reads", "rejects",
+    __slots__ = ("buf", "count", "csum", "error", "gso", "nslots", "off", "reads", "rejects",
                  "size", "slot_views", "splits", "stride", "super_buf", "super_view", "view")
 
     def __init__(self, mtu: int, slots: int, tso: bool) -> None:
@@ -75,11 +78,12 @@ class TxBatch:
         self.off = [i * self.stride for i in range(self.nslots)]
         self.size = [0] * self.nslots
         self.csum = [0] * self.nslots
+        self.gso = [0] * self.nslots
         self.slot_views = [[self.view[o + HEAD:]] for o in self.off]
         self.count = 0
         self.reads = 0  # TUN reads behind this batch (a super-packet is one read, many packets)
         self.splits: list[tuple[int, int]] = []
-        self.rejects: list[tuple[DropReason, int, int]] = []
+        self.rejects: list[tuple[DropReason, bytes]] = []
         self.error: DropReason | None = None
 
 
@@ -104,6 +108,9 @@ class TunDevice:
         self._readv = readv
         self._write = write
         self._dev: pytun.TunTapDevice | None = None
+        # With TSO: hand TCP super-packets over whole (TxBatch.gso) instead of cutting them,
+        # for a kernel that segments them after encapsulation (dataplane/txtap.py).
+        self.keep_super = False
 
     # ---- opening and set-up ------------------------------------------------------------
     @classmethod
@@ -132,14 +139,20 @@ class TunDevice:
         self._dev = dev
         return self
 
-    async def configure(self, address: str, mtu: int, txqueuelen: int | None) -> None:
-        """Address (``a.b.c.d/32``), MTU, queue length, no IPv6 chatter, and up (pyroute2)."""
+    async def configure(self, address: str, mtu: int, txqueuelen: int | None,
+                        gso_max_size: int | None = None) -> None:
+        """Address (``a.b.c.d/32``), MTU, queue length, no IPv6 chatter, and up (pyroute2).
+
+        ``gso_max_size`` caps TSO super-packets (so one plus 50 bytes of outer headers
+        fits an IPv4 packet); a kernel that refuses to set it keeps its default.
+        """
         try:
             with open(f"/proc/sys/net/ipv6/conf/{self.name}/disable_ipv6", "w") as f:
                 f.write("1")
         except OSError:
             pass  # IPv6 disabled or absent: nothing to silence
-        await asyncio.to_thread(_configure_link, self.name, address, mtu, txqueuelen)
+        await asyncio.to_thread(_configure_link, self.name, address, mtu, txqueuelen,
+                                gso_max_size)
 
     def fileno(self) -> int:
         return self._fd
@@ -174,7 +187,7 @@ class TunDevice:
         if b.rejects:
             b.rejects.clear()
         if self.offload:
-            return self._read_tso(b)
+            return self._read_whole(b) if self.keep_super else self._read_tso(b)
         readv, views, size = self._readv, b.slot_views, b.size
         i = 0
         n_slots = b.nslots
@@ -189,6 +202,65 @@ class TunDevice:
             size[i] = n - vnet.VNET_HDR_LEN
             i += 1
         b.count = b.reads = i
+        return i
+
+    def _read_whole(self, b: TxBatch) -> int:
+        """TSO with tunnel GSO: read straight into the batch; TCP super-packets stay whole
+        (``gso[i]`` = MSS) unless one would not fit an outer IPv4 packet (then cut here)."""
+        readv, view, buf = self._readv, b.view, b.buf
+        off, size, csums, gsos = b.off, b.size, b.csum, b.gso
+        unpack = vnet.VNET_HDR.unpack_from
+        limit = len(b.buf) - _SUPER - GSO_MAX_SEGS * 80
+        pos = i = reads = 0
+        n_slots = b.nslots - GSO_MAX_SEGS
+        while pos <= limit and i <= n_slots:
+            try:
+                n = readv([view[pos + HEAD:]])
+            except BlockingIOError:
+                break
+            except OSError:
+                b.error = DropReason.TUN_READ_FAILED
+                break
+            reads += 1
+            plen = n - vnet.VNET_HDR_LEN
+            ip = pos + wire.ENCAP_HLEN
+            if plen < 20:
+                b.rejects.append((DropReason.TRUNCATED, bytes(view[ip:ip + max(plen, 0)])))
+                continue
+            flags, gso_type, _, gso_size, cstart, coff = unpack(buf, pos + HEAD)
+            if gso_type == vnet.GSO_NONE:
+                off[i] = pos
+                size[i] = plen
+                csums[i] = (cstart << 8 | coff) if flags & vnet.F_NEEDS_CSUM else 0
+                gsos[i] = 0
+                i += 1
+                pos = ip + plen
+            elif (gso_type & ~vnet.GSO_ECN == vnet.GSO_TCPV4 and gso_size > 0
+                  and buf[ip] >> 4 == 4 and buf[ip + 9] == 6):
+                ihl = (buf[ip] & 0x0F) << 2
+                mark = ihl << 8 | csum.TCP_CSUM_OFFSET
+                if plen + wire.OVERHEAD <= 65535:
+                    off[i] = pos
+                    size[i] = plen
+                    csums[i] = mark
+                    gsos[i] = gso_size
+                    i += 1
+                    pos = ip + plen
+                    continue
+                used, segs, seglen = _split_in_place(b, pos, plen, gso_size)
+                b.splits.append((i, segs))
+                for k in range(segs):
+                    off[i] = pos + k * seglen
+                    size[i] = seglen - wire.ENCAP_HLEN
+                    csums[i] = mark
+                    gsos[i] = 0
+                    i += 1
+                size[i - 1] = used - (segs - 1) * seglen - wire.ENCAP_HLEN
+                pos += used
+            else:
+                b.rejects.append((DropReason.UNSUPPORTED_GSO, bytes(view[ip:ip + plen])))
+        b.count = i
+        b.reads = reads
         return i
 
     def _read_tso(self, b: TxBatch) -> int:
@@ -212,7 +284,8 @@ class TunDevice:
             reads += 1
             plen = n - vnet.VNET_HDR_LEN
             if plen < 20:
-                b.rejects.append((DropReason.TRUNCATED, wire.ENCAP_HLEN, max(plen, 0)))
+                b.rejects.append((DropReason.TRUNCATED, bytes(sview[wire.ENCAP_HLEN:wire.ENCAP_HLEN
+                                                                   + max(plen, 0)])))
                 continue
             flags, gso_type, _, gso_size, cstart, coff = unpack(src, HEAD)
             if gso_type == vnet.GSO_NONE:
@@ -239,13 +312,24 @@ class TunDevice:
                 size[i - 1] = used - (segs - 1) * seglen - wire.ENCAP_HLEN
                 pos += used
             else:
-                b.rejects.append((DropReason.UNSUPPORTED_GSO, wire.ENCAP_HLEN, plen))
+                b.rejects.append((DropReason.UNSUPPORTED_GSO,
+                                  bytes(sview[wire.ENCAP_HLEN:wire.ENCAP_HLEN + plen])))
         b.count = i
         b.reads = reads
         return i
 
 
-def _configure_link(name: str, address: str, mtu: int, txqueuelen: int | None) -> None:
+def _split_in_place(b: TxBatch, pos: int, plen: int, gso_size: int) -> tuple[int, int, int]:
+    """Cut the super-packet at ``pos`` (through the staging buffer: source and output
+    overlap); used when it is too large for one outer IPv4 packet."""
+    b.super_view[wire.ENCAP_HLEN:wire.ENCAP_HLEN + plen] = b.view[pos + wire.ENCAP_HLEN:
+                                                               pos + wire.ENCAP_HLEN + plen]
+    return tso.tso_split(b.super_view, wire.ENCAP_HLEN, plen, gso_size, b.view[pos:], _ROOM,
+                         True)
+
+
+def _configure_link(name: str, address: str, mtu: int, txqueuelen: int | None,
+                    gso_max_size: int | None) -> None:
     """The synchronous pyroute2 part of :meth:`TunDevice.configure` (runs in a thread)."""
     addr, _, plen = address.partition("/")
     try:
@@ -259,5 +343,8 @@ def _configure_link(name: str, address: str, mtu: int, txqueuelen: int | None) -
             if txqueuelen is not None:
                 kw["txqlen"] = txqueuelen
             ipr.link("set", index=idx, **kw)
+            if gso_max_size is not None:
+                with contextlib.suppress(NetlinkError):  # an optimisation only
+                    ipr.link("set", index=idx, gso_max_size=gso_max_size)
     except (NetlinkError, OSError) as e:
         raise DeviceError(f"configuring TUN {name} ({address}, mtu {mtu}): {e}") from None

@@ -13,9 +13,11 @@ from __future__ import annotations
 import errno
 import struct
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dataplane.tun import TunDevice
+from dataplane.txtap import TunnelTx
 from dataplane.udp import SOL_UDP, UDP_GRO, UDP_SEGMENT, Address, UdpEndpoint
 from dataplane.vnet import VNET_HDR_LEN
 
@@ -118,3 +120,18 @@ class FakeUdp(UdpEndpoint):
             raise OSError(errno.ENOBUFS, "fake send failure")
         self.sent.append(Sent(bytes(data), addr, 0))
         return len(data)
+
+
+class FakeTunnel(TunnelTx):
+    """A tunnel-GSO TAP whose writes land in :attr:`written` (header and inner joined)."""
+
+    def __init__(self, name: str = "fltx0", mac: bytes = b"\x02\x00\x00\x00\x00\x77") -> None:
+        self.written: list[tuple[bytes, bytes]] = []
+        self.fail_writes = False
+        super().__init__(name, mac, writev=self._fake_writev)
+
+    def _fake_writev(self, parts: Sequence[bytes | memoryview]) -> int:
+        if self.fail_writes:
+            raise OSError(errno.EIO, "fake TAP refuses writes")
+        self.written.append((bytes(parts[0]), b"".join(bytes(p) for p in parts[1:])))
+        return sum(len(p) for p in parts)

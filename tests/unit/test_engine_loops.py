@@ -17,13 +17,13 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.layers.vxlan import VXLAN
 
 from dataplane import tap as tapmod
-from dataplane import vnet, wire
+from dataplane import tunnel_gso, vnet, wire
 from dataplane.bpf import compile_filter
 from dataplane.csum import pseudo_header_sum
 from dataplane.engine import Engine, EngineConfig
 from dataplane.fib import Peer
 from dataplane.tap import TapFilter, TapSubscriber
-from tests.devices import FakeTun, FakeUdp
+from tests.devices import FakeTun, FakeTunnel, FakeUdp
 
 NET = ipaddress.IPv4Network
 ADDR = ipaddress.IPv4Address
@@ -397,3 +397,43 @@ def test_recorder_rings_are_bounded_per_reason() -> None:
     recs = e.recorder.records("no_route")
     assert len(recs) == e.recorder.per_reason == 32
     assert IP(recs[-1].data).dst == "10.244.9.40"
+
+
+# ---- tunnel GSO ----------------------------------------------------------------------------
+def test_tunnel_gso_hands_a_super_packet_over_in_one_write() -> None:
+    e, tun, udp = engine(offload=True)
+    tap = FakeTunnel()
+    e.attach_tunnel(tap)
+    hdr, pkt = _super_packet("10.244.2.2")
+    tun.queue_packet(pkt, hdr)
+    tun.queue_packet(icmp())  # not GSO: the UDP socket as before
+    e.tun_readable()
+    (head, inner), = tap.written
+    assert inner == pkt  # untouched: the kernel cuts and checksums it
+    h = tunnel_gso.parse_tunnel_vnet_hdr(head)
+    assert h["gso_size"] == 1000 and h["outer_th_offset"] == 34 and h["inner_nh_offset"] == 64
+    frame = Ether(head[tunnel_gso.VNET_HDR_TNL_LEN:] + inner)
+    assert frame.dst == frame.src == wire.mac_to_str(tap.mac)
+    outer = frame[IP]
+    assert (outer.src, outer.dst, outer.ttl) == ("10.10.1.1", "10.10.1.2", 65)
+    assert outer[UDP].dport == 8472 and outer[UDP].sport >= 32768
+    assert outer[VXLAN].vni == 1
+    assert (outer[VXLAN].payload.dst, outer[VXLAN].payload.src) == (
+        wire.mac_to_str(KERNEL_MAC), wire.mac_to_str(OWN_MAC))
+    assert len(udp.sent) == 1  # the ICMP packet
+    snap = e.snapshot()
+    assert (snap.tunnel_gso_writes, snap.tunnel_gso_segments, snap.tso_splits) == (1, 8, 0)
+    assert snap.peers["10.244.2.0/24"].tx_packets == 9
+    assert snap.tx_path == "tunnel-gso"
+
+
+def test_tunnel_gso_write_failure_is_a_drop() -> None:
+    e, tun, _ = engine(offload=True)
+    tap = FakeTunnel()
+    tap.fail_writes = True
+    e.attach_tunnel(tap)
+    hdr, pkt = _super_packet("10.244.2.2")
+    tun.queue_packet(pkt, hdr)
+    e.tun_readable()
+    snap = e.snapshot()
+    assert snap.drops["tun_write_failed"] == 8 and snap.peers["10.244.2.0/24"].tx_packets == 0
