@@ -147,6 +147,8 @@ def engine_options() -> dict[str, list[str]]:
         axes["offload"] = ["off", "on"]  # the default first
     if re.search(r"--batch\b", text):
         axes["batch"] = ["1"]  # one packet per wake-up, against the default drain
+    if re.search(r"--tunnel-gso\b", text):
+        axes["tunnel"] = ["on"]  # the kernel segments encapsulated super-packets
     if re.search(r"--tx-gso\b", text) and re.search(r"--rx-gro\b", text):
         axes["gso"] = ["off"]  # one datagram per system call, against the default GSO/GRO
     return axes
@@ -181,12 +183,32 @@ def setup_engine(pair: Pair, extra: list[str], flannelette_peer: bool = False,
     return procs
 
 
-def setup_direct_routing(pair: Pair) -> list[subprocess.Popen[Any]]:
-    """Two `flannelette run` agents, vxlan backend with DirectRouting, via a real etcd.
+def setup_mixed(pair: Pair, engine_on: str, extra: list[str]) -> list[subprocess.Popen[Any]]:
+    """One host runs `flannelette engine`, the other a kernel flannel.1 (interop speed).
 
-    The hosts share a segment, so each agent must choose the direct route for the
-    other; the setup fails (rather than measuring the tunnel under this name) if
-    either agent reports another path.
+    ``engine_on`` is "client" (flannelette -> kernel) or "server" (kernel -> flannelette).
+    """
+    kv = _module("benchmarks.kernel_vxlan", "flannel-style kernel VXLAN setup")
+    _module("dataplane.standalone", "the standalone engine runner")
+    me, other = ((pair.client, pair.server) if engine_on == "client"
+                 else (pair.server, pair.client))
+    dev = kv.KernelVxlan.create(other.ns, subnet=str(other.subnet), public_ip=str(other.ip),
+                                vni=VNI, dev=other.iface, mac=vtep_mac(other))
+    dev.add_peer(str(me.subnet), str(me.ip), vtep_mac(me))
+    argv = [sys.executable, "-m", "control.cli", "engine", "--subnet", str(me.subnet),
+            "--public-ip", str(me.ip), "--vtep-mac", vtep_mac(me), "--vni", str(VNI),
+            "--mtu", str(pair.lab.mtu - VXLAN_OVERHEAD), "--peer",
+            f"{other.subnet},{other.ip},{dev.mac}", *extra]
+    return [pair.popen_logged(me, *argv)]
+
+
+def setup_direct_routing(pair: Pair, direct_routing: bool = True
+                         ) -> list[subprocess.Popen[Any]]:
+    """Two `flannelette run` agents with default flags, vxlan backend, via a real etcd.
+
+    With DirectRouting the hosts share a segment, so each agent must choose the
+    direct route for the other; without, the tunnel. The setup fails (rather than
+    measuring another path under this name) if either agent reports another path.
     """
     _module("control.agent", "the agent, flannelette run")
     cl = _module("benchmarks.cluster", "etcd + agents in the lab")
@@ -203,16 +225,17 @@ def setup_direct_routing(pair: Pair) -> list[subprocess.Popen[Any]]:
 
     pair.cleanups.append(close)
     cluster.start_etcd()
-    cluster.set_config({"Network": NETWORK, "Backend": {"Type": "vxlan", "DirectRouting": True}},
-                       api=3)
+    cluster.set_config({"Network": NETWORK,
+                        "Backend": {"Type": "vxlan", "DirectRouting": direct_routing}}, api=3)
     agents = [cluster.start_agent(h, api="v3", timeout=60.0)
               for h in (pair.client, pair.server)]
     for agent, peer in ((agents[0], pair.server), (agents[1], pair.client)):
         doc = cluster.wait_peers(agent, [str(peer.subnet)], timeout=60.0)
         paths = {p["subnet"]: p.get("path") for p in doc["peers"]}
-        if paths.get(str(peer.subnet)) != "direct":
+        want = "direct" if direct_routing else "vxlan"
+        if paths.get(str(peer.subnet)) != want:
             raise RuntimeError(f"agent on {agent.host.name} chose {paths} for a same-segment "
-                               "peer, not the direct route")
+                               f"peer, not {want}")
     return [a.proc for a in agents]
 
 
@@ -235,6 +258,8 @@ def all_modes() -> list[Mode]:
             if off:
                 extra += ["--offload", off]
                 name += "-offload" if off == "on" else ""
+                if off == "on" and "tunnel" in axes:  # the split path; tunnel GSO is its own
+                    extra += ["--tunnel-gso", "off"]
             variants.append((name, extra))
     for batch in axes.get("batch", []):  # on top of the first (default) variant
         name, extra = variants[0]
@@ -246,11 +271,16 @@ def all_modes() -> list[Mode]:
         modes.append(Mode(name, f"flannelette userspace VXLAN engine ({' '.join(extra)})",
                           functools.partial(setup_engine, extra=extra), True))
     if "on" in offloads:  # offload between two flannelette peers: partial inner checksums
-        extra = ["--offload", "on"]
+        extra = ["--offload", "on"] + (["--tunnel-gso", "off"] if "tunnel" in axes else [])
         modes.append(Mode("fl-offload-partial", "flannelette engine, offloads on, peers "
                           "known as flannelette (inner TCP checksums left partial)",
                           functools.partial(setup_engine, extra=extra, flannelette_peer=True),
                           True))
+    if "tunnel" in axes:
+        modes.append(Mode("fl-tunnel-gso", "flannelette engine, offloads on, TCP super-packets "
+                          "wrapped once and segmented by the kernel (--tunnel-gso on)",
+                          functools.partial(setup_engine, extra=["--offload", "on",
+                                                                 "--tunnel-gso", "on"]), True))
     tree = os.environ.get(BASELINE_ENV, "")
     if tree:  # the same engine modes from an older checkout, for before/after ratios
         for name, extra, partial in (("fl-uvloop", [], False),
@@ -259,6 +289,18 @@ def all_modes() -> list[Mode]:
             modes.append(Mode(f"base-{name}", f"{name} run from {tree} ({BASELINE_ENV})",
                               functools.partial(setup_engine, extra=extra,
                                                 flannelette_peer=partial, tree=tree), True))
+    if "tunnel" in axes:  # both directions of interop, with the engine's fastest settings
+        fast = ["--offload", "on"]
+        modes.append(Mode("mix-fl-to-kernel", "flannelette engine (offload on) sending to a "
+                          "kernel flannel.1", functools.partial(setup_mixed, engine_on="client",
+                                                                extra=fast), True))
+        modes.append(Mode("mix-kernel-to-fl", "kernel flannel.1 sending to a flannelette "
+                          "engine (offload on)", functools.partial(setup_mixed,
+                                                                   engine_on="server",
+                                                                   extra=fast), True))
+    modes.append(Mode("fl-agent-default", "two `flannelette run` agents with default flags, "
+                      "vxlan backend (the tunnel)",
+                      functools.partial(setup_direct_routing, direct_routing=False), True))
     modes.append(Mode("fl-directrouting", "flannelette agents, vxlan backend with "
                       "DirectRouting on a same-segment pair", setup_direct_routing, True))
     return modes
