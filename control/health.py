@@ -14,15 +14,27 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping
 
 from control import metrics, statusdoc
 
 log = logging.getLogger("flannelette.health")
 
 Handler = Callable[[], tuple[int, str, bytes]]
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
-            503: "Service Unavailable"}
+# An async handler that writes the whole response itself (streams: capture, trace) from the
+# query parameters; it may read ``reader`` to notice that the client went away.
+StreamHandler = Callable[[Mapping[str, str], asyncio.StreamReader, asyncio.StreamWriter],
+                         Awaitable[None]]
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def response_head(status: int, ctype: str, length: int | None = None) -> bytes:
+    """An HTTP/1.0 status line and headers; ``length`` None: the body ends at close."""
+    size = f"Content-Length: {length}\r\n" if length is not None else ""
+    return (f"HTTP/1.0 {status} {_REASONS.get(status, '')}\r\nContent-Type: {ctype}\r\n"
+            f"{size}Connection: close\r\n\r\n").encode()
 
 
 def document_routes(snapshot: Callable[[], statusdoc.Snapshot],
@@ -47,12 +59,14 @@ def document_routes(snapshot: Callable[[], statusdoc.Snapshot],
 
 
 class HealthServer:
-    """Serve ``routes`` (path -> handler) on host:port."""
+    """Serve ``routes`` (path -> handler) and ``streams`` (path -> async handler) on host:port."""
 
-    def __init__(self, host: str, port: int, routes: Mapping[str, Handler]) -> None:
+    def __init__(self, host: str, port: int, routes: Mapping[str, Handler],
+                 streams: Mapping[str, StreamHandler] | None = None) -> None:
         self.host = host
         self.port = port
         self._routes = dict(routes)
+        self._streams = dict(streams or {})
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -88,6 +102,16 @@ class HealthServer:
                     break
             parts = line.decode("latin-1").split()
             if len(parts) < 2:
+                return
+            path, _, query = parts[1].partition("?")
+            stream = self._streams.get(path)
+            if stream is not None and parts[0] == "GET":
+                try:
+                    await stream(dict(urllib.parse.parse_qsl(query)), reader, writer)
+                except (TimeoutError, ConnectionError, OSError):
+                    raise
+                except Exception:
+                    log.exception("stream handler for %s failed", path)
                 return
             status, ctype, body = self._respond(parts[0], parts[1])
             head = (f"HTTP/1.0 {status} {_REASONS.get(status, '')}\r\n"
