@@ -84,6 +84,9 @@ class EngineConfig:
     # and host allow it, else the userspace split; "on": required; "off": never.
     tunnel_gso: str = "auto"
     tunnel_tap_name: str | None = None  # default f"fltx.{vni}"
+    # One of several worker processes sharing the devices: a multi-queue TUN (and TAP) and
+    # an SO_REUSEPORT UDP socket, all opened under the same names and port.
+    shared_devices: bool = False
 
     def __post_init__(self) -> None:
         if len(self.vtep_mac) != 6 or self.vtep_mac[0] & 1:
@@ -154,10 +157,12 @@ class _Table:
 
 def open_devices(config: EngineConfig) -> tuple[TunDevice, UdpEndpoint]:
     """The real TUN device and UDP endpoint for ``config`` (not yet configured)."""
-    tun = TunDevice.open(config.device_name, offload=config.offload)
+    tun = TunDevice.open(config.device_name, offload=config.offload,
+                         multi_queue=config.shared_devices)
     try:
         udp = UdpEndpoint.open(str(config.public_ip), config.port, config.socket_buffer,
-                               gro=config.rx_gro or config.offload, gso=True)
+                               gro=config.rx_gro or config.offload, gso=True,
+                               reuseport=config.shared_devices)
     except BaseException:
         tun.close()
         raise
@@ -240,7 +245,7 @@ class Engine:
         tunnel = None
         if reason is None:
             try:
-                tunnel = TunnelTx.open(cfg.tap_name)
+                tunnel = TunnelTx.open(cfg.tap_name, multi_queue=cfg.shared_devices)
                 await tunnel.configure()
             except DeviceError as e:
                 if tunnel is not None:

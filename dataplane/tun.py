@@ -114,13 +114,19 @@ class TunDevice:
 
     # ---- opening and set-up ------------------------------------------------------------
     @classmethod
-    def open(cls, name: str, *, offload: bool = False) -> TunDevice:
-        """Create TUN ``name`` with a vnet header (and TSO if ``offload``), non-blocking."""
+    def open(cls, name: str, *, offload: bool = False, multi_queue: bool = False) -> TunDevice:
+        """Create TUN ``name`` with a vnet header (and TSO if ``offload``), non-blocking.
+
+        ``multi_queue``: ``IFF_MULTI_QUEUE``; every process that opens the same name so
+        gets its own queue (the kernel spreads flows over queues by their hash).
+        """
         if not name or len(name.encode()) > 15:
             raise DeviceError(f"TUN name must be 1..15 bytes, got {name!r}")
+        flags = pytun.IFF_TUN | pytun.IFF_NO_PI | pytun.IFF_VNET_HDR
+        if multi_queue:
+            flags |= pytun.IFF_MULTI_QUEUE
         try:
-            dev = pytun.TunTapDevice(
-                name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI | pytun.IFF_VNET_HDR)
+            dev = pytun.TunTapDevice(name=name, flags=flags)
         except (pytun.Error, OSError) as e:
             raise DeviceError(f"cannot create TUN {name}: {e}") from None
         fd = dev.fileno()

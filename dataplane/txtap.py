@@ -77,11 +77,13 @@ class TunnelTx:
         self._rule: list[str] | None = None
 
     @classmethod
-    def open(cls, name: str) -> TunnelTx:
+    def open(cls, name: str, *, multi_queue: bool = False) -> TunnelTx:
         """Create the TAP with a 24-byte vnet header; DeviceError if the kernel lacks it."""
+        flags = pytun.IFF_TAP | pytun.IFF_NO_PI | pytun.IFF_VNET_HDR
+        if multi_queue:
+            flags |= pytun.IFF_MULTI_QUEUE
         try:
-            dev = pytun.TunTapDevice(
-                name=name, flags=pytun.IFF_TAP | pytun.IFF_NO_PI | pytun.IFF_VNET_HDR)
+            dev = pytun.TunTapDevice(name=name, flags=flags)
         except (pytun.Error, OSError) as e:
             raise DeviceError(f"cannot create TAP {name}: {e}") from None
         fd = dev.fileno()

@@ -67,10 +67,16 @@ class UdpEndpoint:
 
     @classmethod
     def open(cls, address: str, port: int, buffer_bytes: int = BUFFER_BYTES, *,
-             gro: bool = True, gso: bool = True) -> UdpEndpoint:
-        """Bind ``address:port`` with large kernel buffers; GRO if asked and available."""
+             gro: bool = True, gso: bool = True, reuseport: bool = False) -> UdpEndpoint:
+        """Bind ``address:port`` with large kernel buffers; GRO if asked and available.
+
+        ``reuseport``: ``SO_REUSEPORT``, one socket per worker on the same port (the
+        kernel spreads senders over them by the 4-tuple hash).
+        """
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
+            if reuseport:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF),
                                  (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
                 try:
