@@ -54,4 +54,8 @@ async def test_until_stopped_gives_the_result_or_none() -> None:
     assert await until_stopped(value(), asyncio.Event()) == 7
     stop = asyncio.Event()
     stop.set()
-    assert await until_stopped(asyncio.sleep(10), stop) is None
+    async def slow() -> int:
+        await asyncio.sleep(10)
+        return 1
+
+    assert await until_stopped(slow(), stop) is None
