@@ -15,11 +15,13 @@ bytes also reach the deep branches without coverage feedback.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import ipaddress
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
@@ -482,6 +484,7 @@ def target_lease(data: bytes) -> None:
 
 
 _TMP = tempfile.mkdtemp(prefix="flannelette-fuzz-")
+atexit.register(shutil.rmtree, _TMP, True)  # libFuzzer exits through atexit too
 
 
 def target_subnetenv(data: bytes) -> None:
