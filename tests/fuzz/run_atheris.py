@@ -82,7 +82,10 @@ def main() -> None:
     args = p.parse_args()
     artifacts = args.artifacts or tempfile.mkdtemp(prefix="fuzz-artifacts-")
     os.makedirs(artifacts, exist_ok=True)
-    sys.exit(run_all(args.all, artifacts, args.targets))
+    rc = run_all(args.all, artifacts, args.targets)
+    if not args.artifacts and not os.listdir(artifacts):
+        os.rmdir(artifacts)  # nothing crashed: leave nothing behind
+    sys.exit(rc)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,11 @@ bytes also reach the deep branches without coverage feedback.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import ipaddress
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
@@ -483,8 +481,6 @@ def target_lease(data: bytes) -> None:
         decode_lease(RawLease(PEER_SUBNET, value.decode("utf-8", "replace")))
 
 
-_TMP = tempfile.mkdtemp(prefix="flannelette-fuzz-")
-atexit.register(shutil.rmtree, _TMP, True)  # libFuzzer exits through atexit too
 
 
 def target_subnetenv(data: bytes) -> None:
@@ -492,10 +488,11 @@ def target_subnetenv(data: bytes) -> None:
     text = data.decode("utf-8", "replace")
     out = subnetenv.parse(text)
     assert all("\n" not in k and "=" not in k for k in out)
-    path = os.path.join(_TMP, "subnet.env")
-    with open(path, "wb") as f:
-        f.write(data)
-    net = subnetenv.read_subnet(path)
+    with tempfile.TemporaryDirectory(prefix="flannelette-fuzz-") as tmp:
+        path = os.path.join(tmp, "subnet.env")
+        with open(path, "wb") as f:
+            f.write(data)
+        net = subnetenv.read_subnet(path)
     assert net is None or isinstance(net, ipaddress.IPv4Network)
 
 
