@@ -23,7 +23,7 @@ import time
 
 import uvloop
 
-from control import logs, subnetenv
+from control import debugapi, logs, subnetenv
 from control.config import parse_config
 from control.errors import ConfigError, ControlError, FlagError
 from control.follower import ConfigFollower, find_config
@@ -95,7 +95,8 @@ async def run(opts: AgentOptions, stop: asyncio.Event) -> int:
                 dataplane=dp.state())
         server = None
         if opts.healthz_port:
-            server = HealthServer(opts.healthz_ip, opts.healthz_port, document_routes(snapshot))
+            server = HealthServer(opts.healthz_ip, opts.healthz_port, document_routes(snapshot),
+                                  debugapi.agent_streams(dp, lambda: watcher))
             await server.start()
             log.info("serving /healthz /readyz /status /metrics on %s:%d", opts.healthz_ip,
                      server.port)

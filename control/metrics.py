@@ -119,12 +119,25 @@ _ENGINE: dict[str, tuple[bool, str, str, tuple[str, str] | None]] = {
                         "Received packets handed to the kernel with a partial checksum", None),
     "rx_gso": (True, "flannelette_engine_rx_gso_packets_total",
                "Received oversize TCP packets handed to the kernel for segmentation", None),
+    "tap_records": (True, "flannelette_tap_records_total",
+                    "Records handed to captures and traces (flannelette capture/trace)", None),
+    "tap_records_lost": (True, "flannelette_tap_records_lost_total",
+                         "Capture/trace records lost to a full tap queue (traffic unaffected)",
+                         None),
+    "taps_active": (False, "flannelette_taps_active", "Captures and traces attached now", None),
 }
 
 
 def engine_metrics(engine: Mapping[str, Any]) -> Iterator[Metric]:
     """Engine counters and batch figures; unknown numeric figures become plain gauges."""
     families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+    drops = CounterMetricFamily("flannelette_drops", "Packets dropped by the dataplane, by "
+                                "reason, peer subnet ('-': none) and direction (tx/rx)",
+                                labels=["reason", "peer", "direction"])
+    for row in engine.get("peer_drops") or ():
+        if isinstance(row, (list, tuple)) and len(row) == 4:
+            drops.add_metric([str(row[0]), str(row[1]), str(row[2])], _num(row[3]))
+    yield drops
     for key, value in sorted(engine.items()):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue

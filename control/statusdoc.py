@@ -47,6 +47,7 @@ class DataplaneState:
     engine: EngineStats | None = None
     route_operations: Mapping[str, int] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    taps_active: int = 0  # captures/traces attached to the engine
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,7 @@ def status(snap: Snapshot, now: float) -> Document:
     engine: Document = {}
     if dp.engine is not None:
         engine = {k: v for k, v in dp.engine.to_dict().items() if k not in ("peers", "drops")}
+        engine["taps_active"] = dp.taps_active
     return {
         "node": {
             "subnet": str(snap.lease.subnet) if snap.lease else None,

@@ -151,7 +151,7 @@ class Supervisor:
             decisions=routes.decisions if routes is not None else (),
             engine=engine.snapshot() if engine is not None else None,
             route_operations=routes.operations if routes is not None else {},
-            warnings=self._warnings)
+            warnings=self._warnings, taps_active=int(getattr(engine, "taps_active", 0)))
 
     # ---- lease -----------------------------------------------------------------------------
     def lease_acquired(self, lease: Lease) -> None:
