@@ -6,6 +6,13 @@ through the same netlink applier as the agent (tagged with flannelette's
 protocol number, so `flannelette cleanup` finds them; they vanish with the TUN
 when the process exits). Runs until SIGTERM/SIGINT, then writes a last stats
 snapshot and exits 0.
+
+Like the agent it serves ``/healthz``, ``/status`` (node, peers, drops and the
+engine's counters, the shape `flannelette status` reads), ``/metrics`` and the
+debug routes (``/debug/*``: capture, trace, drops, explain, node) on
+``--healthz-ip:--healthz-port`` (default 127.0.0.1:9480, the agent's; 0 turns the
+server off). An address already in use is a warning, not an error: the engine runs
+without the server.
 """
 
 from __future__ import annotations
@@ -19,9 +26,11 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from control import netlink
+from control import metrics, netlink
+from control.debugapi import DebugApi, engine_node
+from control.health import Handler, HealthServer
 from control.reconcile import OpKind, Route, RouteOp
 from dataplane import wire
 from dataplane.engine import Engine, EngineConfig
@@ -112,7 +121,59 @@ def _parser() -> _Parser:
                         "peer's subnet (default on; off only for debugging)")
     p.add_argument("--stats-file", default=None, help="JSON stats, rewritten periodically")
     p.add_argument("--stats-interval", type=float, default=0.5, help="seconds between writes")
+    p.add_argument("--healthz-ip", default="127.0.0.1",
+                   help="address of /healthz, /status, /metrics and /debug/* (default 127.0.0.1)")
+    p.add_argument("--healthz-port", type=int, default=9480,
+                   help="their port (default 9480, as the agent; 0: no server)")
     return p
+
+
+def status_doc(engine: Engine) -> dict[str, Any]:
+    """The /status document of a standalone engine (the agent's shape, no etcd parts)."""
+    c = engine.config
+    st = engine.snapshot()
+    peers = []
+    for p in engine.fib.peers:
+        pc = st.peers.get(str(p.subnet))
+        peers.append({"subnet": str(p.subnet), "public_ip": str(p.public_ip),
+                      "vtep_mac": wire.mac_to_str(p.vtep_mac) if p.vtep_mac else None,
+                      "path": p.path.value,
+                      "tx_packets": pc.tx_packets if pc else 0,
+                      "rx_packets": pc.rx_packets if pc else 0,
+                      "tx_bytes": pc.tx_bytes if pc else 0, "rx_bytes": pc.rx_bytes if pc else 0})
+    figures = {k: v for k, v in st.to_dict().items() if k not in ("peers", "drops")}
+    figures["taps_active"] = engine.taps_active
+    return {"node": {"subnet": str(c.subnet), "public_ip": str(c.public_ip),
+                     "backend": "vxlan (standalone engine)", "direct_routing": False,
+                     "vtep_mac": wire.mac_to_str(c.vtep_mac), "mtu": c.mtu, "vni": c.vni,
+                     "port": c.port, "tun": engine.tun_name},
+            "peers": peers, "drops": dict(st.drops), "engine": figures}
+
+
+def _routes(engine: Engine) -> dict[str, Handler]:
+    def status() -> tuple[int, str, bytes]:
+        return 200, "application/json", json.dumps(status_doc(engine), indent=1).encode()
+
+    def metrics_text() -> tuple[int, str, bytes]:
+        return 200, metrics.CONTENT_TYPE, metrics.render(lambda: status_doc(engine))
+    return {"/healthz": lambda: (200, "text/plain", b"ok\n"), "/readyz": status,
+            "/status": status, "/metrics": metrics_text}
+
+
+async def _serve(engine: Engine, host: str, port: int) -> HealthServer | None:
+    """The engine's HTTP server, or None (port 0, or the address is taken: a warning)."""
+    if not port:
+        return None
+    api = DebugApi(lambda: [engine], lambda: engine_node(engine))
+    server = HealthServer(host, port, _routes(engine), api.streams())
+    try:
+        await server.start()
+    except OSError as e:
+        print(f"flannelette engine: warning: no /status or /debug server on {host}:{port} "
+              f"({e.strerror or e}); pass another --healthz-port, or 0 for none",
+              file=sys.stderr, flush=True)
+        return None
+    return server
 
 
 def _write_stats(engine: Engine, path: str) -> None:
@@ -125,7 +186,7 @@ def _write_stats(engine: Engine, path: str) -> None:
 
 
 async def _run(config: EngineConfig, peers: Sequence[Peer], stats_file: str | None,
-               interval: float) -> None:
+               interval: float, healthz: tuple[str, int] = ("127.0.0.1", 0)) -> None:
     engine = Engine(config)
     engine.set_peers(peers)
     stop = asyncio.Event()
@@ -133,7 +194,9 @@ async def _run(config: EngineConfig, peers: Sequence[Peer], stats_file: str | No
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await engine.start()
+    server: HealthServer | None = None
     try:
+        server = await _serve(engine, *healthz)
         errors = await netlink.aapply_ops([RouteOp(OpKind.REPLACE, Route(p.subnet, None,
                                                                          engine.tun_name))
                                            for p in peers])
@@ -141,13 +204,17 @@ async def _run(config: EngineConfig, peers: Sequence[Peer], stats_file: str | No
             raise DataplaneError("; ".join(errors))
         print(f"engine up: {engine.tun_name} {config.subnet} "
               f"mac {wire.mac_to_str(config.vtep_mac)} on {config.public_ip}:{config.port}, "
-              f"{len(peers)} peer(s)", flush=True)
+              f"{len(peers)} peer(s)"
+              + (f", /status and /debug on {server.host}:{server.port}" if server else ""),
+              flush=True)
         while not stop.is_set():
             if stats_file:
                 _write_stats(engine, stats_file)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
     finally:
+        if server is not None:
+            await server.close()
         if stats_file:
             _write_stats(engine, stats_file)
         await engine.close()
@@ -188,7 +255,10 @@ def main(argv: list[str]) -> int:
             tunnel_gso=args.tunnel_gso)
         if args.stats_interval <= 0:
             raise _UsageError(f"--stats-interval must be > 0, got {args.stats_interval}")
-        coro = _run(config, args.peer, args.stats_file, args.stats_interval)
+        if not 0 <= args.healthz_port <= 65535:
+            raise _UsageError(f"--healthz-port must be in 0..65535, got {args.healthz_port}")
+        coro = _run(config, args.peer, args.stats_file, args.stats_interval,
+                    (args.healthz_ip, args.healthz_port))
         if args.loop == "uvloop":
             import uvloop
 
