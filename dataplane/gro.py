@@ -61,7 +61,8 @@ class Coalescer:
         if ihl + 20 > ip_len:
             return False
         thl = (buf[t + 12] >> 4) << 2
-        return buf[t + 13] & ~0x08 == 0x10 and ip_len > ihl + thl and buf[t + 13] & 0x08 == 0
+        return (thl >= 20 and buf[t + 13] & ~0x08 == 0x10 and ip_len > ihl + thl
+                and buf[t + 13] & 0x08 == 0)
 
     def start(self, buf: bytearray | memoryview, off: int, ip_len: int) -> None:
         """Hold this segment (can_start was True)."""
@@ -82,6 +83,8 @@ class Coalescer:
         b, h, ihl, hl = self.buf, VNET_HDR_LEN, self.ihl, self.hl
         if buf[off + 9] != 6 or (buf[off] & 0x0F) << 2 != ihl or (buf[off + 6] & 0x3F) | buf[
                 off + 7]:
+            return False
+        if ip_len <= hl:  # no payload (or a header cut short): nothing to merge
             return False
         t = off + ihl
         if (buf[t + 12] >> 4) << 2 != hl - ihl:

@@ -291,14 +291,17 @@ def test_tun_packet_drop_reasons(name: str, packet: bytes, reason: DropReason | 
 
 
 def test_every_drop_reason_has_a_case() -> None:
-    """Every reason is covered by a table above, except the three I/O failures and no_route.
+    """Every reason is covered by a table above, except those the engine decides.
 
-    no_route is a FIB miss (tests/unit/test_fib_table.py, netns ICMP test);
-    send/TUN-write failures are system-call errors the engine counts.
+    no_route is a FIB miss, spoofed_inner_source the per-peer source check,
+    unsupported_gso a TUN super-packet, the rest failing system calls: all in
+    tests/unit/test_engine_loops.py on fake devices.
     """
     covered = {c[3] for c in RX_CASES} | {c[2] for c in ARP_CASES if c[2]} | {
         c[2] for c in TUN_CASES if c[2]}
-    io_only = {DropReason.NO_ROUTE, DropReason.SEND_FAILED, DropReason.TUN_WRITE_FAILED}
+    io_only = {DropReason.NO_ROUTE, DropReason.SEND_FAILED, DropReason.TUN_WRITE_FAILED,
+               DropReason.SPOOFED_INNER_SOURCE, DropReason.UNSUPPORTED_GSO,
+               DropReason.TUN_READ_FAILED, DropReason.UDP_RECV_FAILED}
     assert covered == set(DropReason) - io_only
     assert covered == wire.RX_REASONS
     assert len({r.value for r in DropReason}) == len(DropReason)
