@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from dataplane import csum, gro, vnet, wire
+from dataplane import csum, gro, tso, vnet, wire
 from dataplane.errors import ConfigError, DeviceError
 from dataplane.fib import Fib, Peer
 from dataplane.recorder import FlightRecorder
@@ -202,6 +202,8 @@ class Engine:
         self._rxbuf = bytearray(_RX_BUF)
         self._rxview = memoryview(self._rxbuf)
         self._rxbufs = [self._rxview]
+        # TSO: segments of one super-packet are cut here, behind the peer's prefix.
+        self._segview = memoryview(bytearray(2 * _RX_BUF if config.offload else 0))
         self._gro: gro.Coalescer | None = None
         self._readers: list[int] = []
         self._tunnel: TunnelTx | None = None
@@ -263,7 +265,6 @@ class Engine:
         """Send TCP super-packets through ``tunnel`` (the kernel segments them)."""
         assert self._tun is not None
         self._tunnel = tunnel
-        self._tun.keep_super = True
         self.tunnel_reason = f"on ({tunnel.name})"
 
     @property
@@ -374,7 +375,7 @@ class Engine:
         tx, mask = table.tx, table.mask
         check, from_bytes, complete = wire.check_tun_packet, int.from_bytes, csum.complete_checksum
         c, maxlen, flush = self._c, self._max_tun, self._flush
-        tap, tunnel, gsos = self._tap, self._tunnel, b.gso
+        tunnel, gsos = self._tunnel, b.gso
         total = 0
         limit = self.config.batch
         while total < limit:
@@ -383,9 +384,6 @@ class Engine:
                 self._drop(b.error, TX, None, None)
             for reason, data in b.rejects:
                 self._drop(reason, TX, None, data)
-            if b.splits:
-                c.tso_splits += len(b.splits)
-                c.tso_segments += sum(n for _, n in b.splits)
             if b.reads == 0:
                 break
             total += b.reads
@@ -403,11 +401,15 @@ class Engine:
                 if route is None:
                     self._unreachable(ip, plen)
                     continue
-                if tunnel is not None and gsos[i]:  # the kernel cuts it after encapsulation
+                g = gsos[i]
+                if g:  # a TSO super-packet: cut here, or by the kernel after encapsulation
                     if run is not None:
                         flush(run, first, end, seglen, npk, nby, i0)
                         run = None
-                    self._tunnel_send(tunnel, route, o, plen, gsos[i])
+                    if tunnel is not None and plen + wire.OVERHEAD <= 65535:
+                        self._tunnel_send(tunnel, route, o, plen, g)
+                    else:
+                        self._split_send(route, ip, plen, g)
                     continue
                 cs = csums[i]
                 if cs:
@@ -431,9 +433,7 @@ class Engine:
                     run = None
             if run is not None:
                 flush(run, first, end, seglen, npk, nby, i0)
-            if tap is not None and b.splits:
-                self._tap_splits(b)
-            if b.error is not None or (k < b.nslots and not b.splits and not b.rejects):
+            if b.error is not None or (k < b.nslots and not b.rejects and not self.config.offload):
                 break  # drained (or failing): wait for the next wake-up
         c.tun_packets += total
         c.tun_wakeups += 1
@@ -456,6 +456,39 @@ class Engine:
         tap = self._tap
         if tap is not None:
             self._tap_run(tap, route, i0, npk, sent == npk, seglen)
+
+    def _split_send(self, route: Route, ip: int, plen: int, mss: int) -> None:
+        """Cut a TSO super-packet into MSS segments behind the peer's prefix (full TCP
+        checksums, or pseudo-header sums for a flannelette peer); one GSO send."""
+        assert self._udp is not None
+        view = self._txb.view
+        used, segs, seglen = tso.tso_split(view, ip, plen, mss, self._segview, route.prefix,
+                                           route.partial)
+        c = self._c
+        c.tso_splits += 1
+        c.tso_segments += segs
+        if route.partial:
+            c.tx_csum_partial += segs
+        else:
+            c.tx_csum_completed += segs
+        sent, nbytes = self._udp.send_run(self._segview[:used], seglen, route.addr)
+        st = route.stats
+        st.tx_packets += sent
+        st.tx_bytes += nbytes - sent * ENCAP_HLEN
+        if sent != segs:
+            self._drop(DropReason.SEND_FAILED, TX, route, view[ip:ip + plen], count=segs - sent)
+        tap = self._tap
+        if tap is not None:
+            rule = (f"TSO split into {segs} segments of MSS {mss}, inner checksums "
+                    + ("left partial (flannelette peer)" if route.partial else "completed"))
+            me, port, sv = str(self.config.public_ip), self.config.port, self._segview
+            for k in range(segs):
+                o = k * seglen
+                d = sv[o:min(o + seglen, used)]
+                tap.emit(TX, "forwarded" if sent == segs else "dropped",
+                         "" if sent == segs else DropReason.SEND_FAILED.value, rule, route.key,
+                         route.public_ip, route.mac_text, d[ENCAP_HLEN:], d, me,
+                         route.public_ip, port, port)
 
     def _tunnel_send(self, tunnel: TunnelTx, route: Route, o: int, plen: int,
                      mss: int) -> None:
@@ -506,16 +539,6 @@ class Engine:
                 tap.emit(TX, "dropped", DropReason.SEND_FAILED.value, r, route.key,
                          route.public_ip, route.mac_text, inner, outer, me, route.public_ip,
                          port, port)
-
-    def _tap_splits(self, b: TxBatch) -> None:
-        """Trace lines for TSO: one record per super-packet saying how it was cut."""
-        tap = self._tap
-        if tap is None:
-            return
-        for first, segs in b.splits:
-            o, plen = b.off[first], b.size[first]
-            tap.emit(TX, "forwarded", "", f"TSO split into {segs} segments", "", "", "",
-                     b.view[o + ENCAP_HLEN:o + ENCAP_HLEN + plen], None, "", "", 0, 0)
 
     def _unreachable(self, ip: int, plen: int) -> None:
         """No peer owns the destination: count it and answer ICMP host unreachable.

@@ -6,10 +6,11 @@ Opened through python-pytun with ``IFF_TUN | IFF_NO_PI | IFF_VNET_HDR`` (pytun
 it, and with it every address and route on it, so a crashed engine leaves
 nothing behind.
 
-:meth:`TunDevice.read_batch` hides the vnet header and, with TSO on, the
-split: it fills a caller-owned :class:`TxBatch` with IPv4 packets, each with
-22 bytes of header room in front of it, so the engine writes VXLAN + Ethernet
-there and hands runs of back-to-back datagrams to one UDP GSO send. The system
+:meth:`TunDevice.read_batch` hides the vnet header: it fills a caller-owned
+:class:`TxBatch` with IPv4 packets, each with 22 bytes of header room in front
+of it, so the engine writes VXLAN + Ethernet there and hands runs of
+back-to-back datagrams to one UDP GSO send; with TSO a super-packet is
+returned whole, marked with its MSS. The system
 calls are reached through two attributes (``_readv``, ``_write``), which is all
 a fake device (tests/devices.py) replaces.
 """
@@ -27,7 +28,7 @@ import pytun
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from dataplane import csum, tso, vnet, wire
+from dataplane import csum, vnet, wire
 from dataplane.errors import DeviceError
 from dataplane.wire import DropReason
 
@@ -39,7 +40,6 @@ TUN_F_TSO_ECN = 0x08
 OFFLOAD_TSO = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
 
 HEAD = wire.ENCAP_HLEN - vnet.VNET_HDR_LEN  # 12: where a read starts inside a packet slot
-_ROOM = bytes(wire.ENCAP_HLEN)  # placeholder for VXLAN + Ethernet, written per peer later
 _SUPER = 65536 + 64  # one TSO super-packet (and its vnet header)
 _UDP_MAX = 65507
 GSO_MAX_SEGS = 64
@@ -53,26 +53,22 @@ class TxBatch:
     checksums are complete, else ``csum_start << 8 | csum_offset`` of a partial
     TCP/UDP checksum (NEEDS_CSUM from the TUN, or a TSO segment). Full-size
     packets lie back to back, so a run of them is one UDP GSO datagram train.
-    ``gso[i]`` is 0, or the MSS of a whole TCP super-packet kept for the kernel
-    to segment (tunnel GSO). ``splits`` lists ``(first index, segments)`` per TSO
-    super-packet cut here; ``rejects`` ``(reason, packet bytes)`` per packet the
-    device refused.
+    ``gso[i]`` is 0, or (TSO mode) the MSS of a whole TCP super-packet, for the
+    engine to cut or hand to the kernel. ``rejects`` holds ``(reason, packet
+    bytes)`` per packet the device refused.
     """
 
     __slots__ = ("buf", "count", "csum", "error", "gso", "nslots", "off", "reads", "rejects",
-                 "size", "slot_views", "splits", "stride", "super_buf", "super_view", "view")
+                 "size", "slot_views", "stride", "view")
 
     def __init__(self, mtu: int, slots: int, tso: bool) -> None:
         self.stride = wire.ENCAP_HLEN + mtu
-        if tso:  # segments are cut to the peer's MSS: room for four ~64 KB super-packets
+        if tso:  # packets back to back, super-packets whole: room for four of ~64 KB
             self.nslots = 4 * GSO_MAX_SEGS
-            size = 4 * (_SUPER + GSO_MAX_SEGS * 80)
-            self.super_buf = bytearray(_SUPER + wire.ENCAP_HLEN)
+            size = 4 * _SUPER
         else:  # one packet per slot, slot k at k * stride (the last slot can hold any read)
             self.nslots = max(1, min(GSO_MAX_SEGS, slots))
             size = self.nslots * self.stride + _SUPER
-            self.super_buf = bytearray()
-        self.super_view = memoryview(self.super_buf)
         self.buf = bytearray(size)
         self.view = memoryview(self.buf)
         self.off = [i * self.stride for i in range(self.nslots)]
@@ -82,7 +78,6 @@ class TxBatch:
         self.slot_views = [[self.view[o + HEAD:]] for o in self.off]
         self.count = 0
         self.reads = 0  # TUN reads behind this batch (a super-packet is one read, many packets)
-        self.splits: list[tuple[int, int]] = []
         self.rejects: list[tuple[DropReason, bytes]] = []
         self.error: DropReason | None = None
 
@@ -108,9 +103,6 @@ class TunDevice:
         self._readv = readv
         self._write = write
         self._dev: pytun.TunTapDevice | None = None
-        # With TSO: hand TCP super-packets over whole (TxBatch.gso) instead of cutting them,
-        # for a kernel that segments them after encapsulation (dataplane/txtap.py).
-        self.keep_super = False
 
     # ---- opening and set-up ------------------------------------------------------------
     @classmethod
@@ -188,12 +180,10 @@ class TunDevice:
         (or failed: ``b.error``); with TSO, reads can yield rejects and no packet.
         """
         b.error = None
-        if b.splits:
-            b.splits.clear()
         if b.rejects:
             b.rejects.clear()
         if self.offload:
-            return self._read_whole(b) if self.keep_super else self._read_tso(b)
+            return self._read_whole(b)
         readv, views, size = self._readv, b.slot_views, b.size
         i = 0
         n_slots = b.nslots
@@ -211,15 +201,16 @@ class TunDevice:
         return i
 
     def _read_whole(self, b: TxBatch) -> int:
-        """TSO with tunnel GSO: read straight into the batch; TCP super-packets stay whole
-        (``gso[i]`` = MSS) unless one would not fit an outer IPv4 packet (then cut here)."""
+        """TSO mode: read straight into the batch; a TCP super-packet stays whole with
+        ``gso[i]`` = its MSS (the engine cuts it, or has the kernel cut it after
+        encapsulation); anything else is an ordinary packet."""
         readv, view, buf = self._readv, b.view, b.buf
         off, size, csums, gsos = b.off, b.size, b.csum, b.gso
         unpack = vnet.VNET_HDR.unpack_from
-        limit = len(b.buf) - _SUPER - GSO_MAX_SEGS * 80
+        limit = len(buf) - _SUPER
         pos = i = reads = 0
-        n_slots = b.nslots - GSO_MAX_SEGS
-        while pos <= limit and i <= n_slots:
+        n_slots = b.nslots
+        while pos <= limit and i < n_slots:
             try:
                 n = readv([view[pos + HEAD:]])
             except BlockingIOError:
@@ -235,103 +226,22 @@ class TunDevice:
                 continue
             flags, gso_type, _, gso_size, cstart, coff = unpack(buf, pos + HEAD)
             if gso_type == vnet.GSO_NONE:
-                off[i] = pos
-                size[i] = plen
-                csums[i] = (cstart << 8 | coff) if flags & vnet.F_NEEDS_CSUM else 0
                 gsos[i] = 0
-                i += 1
-                pos = ip + plen
+                csums[i] = (cstart << 8 | coff) if flags & vnet.F_NEEDS_CSUM else 0
             elif (gso_type & ~vnet.GSO_ECN == vnet.GSO_TCPV4 and gso_size > 0
                   and buf[ip] >> 4 == 4 and buf[ip + 9] == 6):
-                ihl = (buf[ip] & 0x0F) << 2
-                mark = ihl << 8 | csum.TCP_CSUM_OFFSET
-                if plen + wire.OVERHEAD <= 65535:
-                    off[i] = pos
-                    size[i] = plen
-                    csums[i] = mark
-                    gsos[i] = gso_size
-                    i += 1
-                    pos = ip + plen
-                    continue
-                used, segs, seglen = _split_in_place(b, pos, plen, gso_size)
-                b.splits.append((i, segs))
-                for k in range(segs):
-                    off[i] = pos + k * seglen
-                    size[i] = seglen - wire.ENCAP_HLEN
-                    csums[i] = mark
-                    gsos[i] = 0
-                    i += 1
-                size[i - 1] = used - (segs - 1) * seglen - wire.ENCAP_HLEN
-                pos += used
+                gsos[i] = gso_size
+                csums[i] = ((buf[ip] & 0x0F) << 10) | csum.TCP_CSUM_OFFSET
             else:
                 b.rejects.append((DropReason.UNSUPPORTED_GSO, bytes(view[ip:ip + plen])))
-        b.count = i
-        b.reads = reads
-        return i
-
-    def _read_tso(self, b: TxBatch) -> int:
-        """TSO mode: read super-packets into a staging buffer, cut each into MSS segments
-        (pseudo-header checksums; the engine completes them for kernel peers)."""
-        readv, src, sview = self._readv, b.super_buf, b.super_view
-        bufs = [sview[HEAD:]]
-        off, size, csums, view = b.off, b.size, b.csum, b.view
-        unpack = vnet.VNET_HDR.unpack_from
-        limit = len(b.buf) - _SUPER - GSO_MAX_SEGS * 80
-        pos = i = reads = 0
-        n_slots = b.nslots - GSO_MAX_SEGS
-        while pos <= limit and i <= n_slots:
-            try:
-                n = readv(bufs)
-            except BlockingIOError:
-                break
-            except OSError:
-                b.error = DropReason.TUN_READ_FAILED
-                break
-            reads += 1
-            plen = n - vnet.VNET_HDR_LEN
-            if plen < 20:
-                b.rejects.append((DropReason.TRUNCATED, bytes(sview[wire.ENCAP_HLEN:wire.ENCAP_HLEN
-                                                                   + max(plen, 0)])))
                 continue
-            flags, gso_type, _, gso_size, cstart, coff = unpack(src, HEAD)
-            if gso_type == vnet.GSO_NONE:
-                end = pos + wire.ENCAP_HLEN + plen
-                view[pos + wire.ENCAP_HLEN:end] = sview[wire.ENCAP_HLEN:wire.ENCAP_HLEN + plen]
-                off[i] = pos
-                size[i] = plen
-                csums[i] = (cstart << 8 | coff) if flags & vnet.F_NEEDS_CSUM else 0
-                i += 1
-                pos = end
-            elif (gso_type & ~vnet.GSO_ECN == vnet.GSO_TCPV4 and gso_size > 0
-                  and src[wire.ENCAP_HLEN] >> 4 == 4 and src[wire.ENCAP_HLEN + 9] == 6):
-                used, segs, seglen = tso.tso_split(sview, wire.ENCAP_HLEN, plen, gso_size,
-                                                   view[pos:], _ROOM, True)
-                ihl = (src[wire.ENCAP_HLEN] & 0x0F) << 2
-                mark = ihl << 8 | csum.TCP_CSUM_OFFSET
-                b.splits.append((i, segs))
-                for k in range(segs):
-                    o = pos + k * seglen
-                    off[i] = o
-                    size[i] = seglen - wire.ENCAP_HLEN
-                    csums[i] = mark
-                    i += 1
-                size[i - 1] = used - (segs - 1) * seglen - wire.ENCAP_HLEN
-                pos += used
-            else:
-                b.rejects.append((DropReason.UNSUPPORTED_GSO,
-                                  bytes(sview[wire.ENCAP_HLEN:wire.ENCAP_HLEN + plen])))
+            off[i] = pos
+            size[i] = plen
+            i += 1
+            pos = ip + plen
         b.count = i
         b.reads = reads
         return i
-
-
-def _split_in_place(b: TxBatch, pos: int, plen: int, gso_size: int) -> tuple[int, int, int]:
-    """Cut the super-packet at ``pos`` (through the staging buffer: source and output
-    overlap); used when it is too large for one outer IPv4 packet."""
-    b.super_view[wire.ENCAP_HLEN:wire.ENCAP_HLEN + plen] = b.view[pos + wire.ENCAP_HLEN:
-                                                               pos + wire.ENCAP_HLEN + plen]
-    return tso.tso_split(b.super_view, wire.ENCAP_HLEN, plen, gso_size, b.view[pos:], _ROOM,
-                         True)
 
 
 def _configure_link(name: str, address: str, mtu: int, txqueuelen: int | None,
