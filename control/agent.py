@@ -58,7 +58,8 @@ async def run(opts: AgentOptions, stop: asyncio.Event) -> int:
     except ConfigError as exc:
         raise ConfigError(f"bad network config at {key}: {exc}") from None
     dp = Supervisor(config, config.mtu_for(iface.mtu), public_ip, subnet_file=opts.subnet_file,
-                    ip_masq=opts.ip_masq, offload=opts.engine_offload)
+                    ip_masq=opts.ip_masq, offload=opts.engine_offload,
+                    tunnel_gso=opts.tunnel_gso, inner_source_check=opts.inner_source_check)
     watcher: PeerWatcher | None = None
 
     def acquired(lease: Lease) -> None:

@@ -38,6 +38,8 @@ class AgentOptions:
     log_format: str = "text"
     watch_timeout: float = 10.0
     engine_offload: bool = False
+    tunnel_gso: str = "auto"  # auto | on | off (with engine_offload)
+    inner_source_check: bool = True
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,6 +97,14 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--engine-offload", default=d("engine-offload", "off"), choices=("on", "off"),
                    help="TUN TSO + UDP GSO/GRO with 64 KB super-packets in the userspace "
                         "engine (fastest between flannelette nodes; see docs/benchmarks.md)")
+    p.add_argument("--tunnel-gso", default=d("tunnel-gso", "auto"), choices=("auto", "on", "off"),
+                   help="with --engine-offload on: TCP super-packets wrapped once and cut by "
+                        "the kernel through a TAP (Linux >= 6.17); auto = when the kernel and "
+                        "host allow it, else the userspace split")
+    p.add_argument("--inner-source-check", default=d("inner-source-check", "on"),
+                   choices=("on", "off"),
+                   help="drop a peer's VXLAN datagrams whose inner IPv4 source is outside that "
+                        "peer's subnet (default on; off only for debugging)")
     p.add_argument("--watch-timeout", type=float, default=float(d("watch-timeout", "10")),
                    help=argparse.SUPPRESS)
     p.add_argument("--etcd-timeout", type=float, default=float(d("etcd-timeout", "5")),
@@ -137,7 +147,9 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> AgentOptions:
                                  ("log-level", ns.log_level,
                                   ("debug", "info", "warning", "error")),
                                  ("log-format", ns.log_format, ("text", "json")),
-                                 ("engine-offload", ns.engine_offload, ("on", "off"))):
+                                 ("engine-offload", ns.engine_offload, ("on", "off")),
+                                 ("tunnel-gso", ns.tunnel_gso, ("auto", "on", "off")),
+                                 ("inner-source-check", ns.inner_source_check, ("on", "off"))):
         if value not in allowed:
             raise FlagError(f"--{flag} must be one of {', '.join(allowed)}, got {value!r}")
     return AgentOptions(
@@ -145,4 +157,5 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> AgentOptions:
         subnet_file=ns.subnet_file, renew_margin=margin, lease_ttl=ns.subnet_lease_ttl,
         ip_masq=ns.ip_masq, healthz_ip=ns.healthz_ip, healthz_port=ns.healthz_port,
         log_level="debug" if ns.verbose else ns.log_level, log_format=ns.log_format,
-        watch_timeout=ns.watch_timeout, engine_offload=ns.engine_offload == "on")
+        watch_timeout=ns.watch_timeout, engine_offload=ns.engine_offload == "on",
+        tunnel_gso=ns.tunnel_gso, inner_source_check=ns.inner_source_check == "on")

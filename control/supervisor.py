@@ -109,6 +109,7 @@ class Supervisor:
 
     def __init__(self, config: NetworkConfig, mtu: int, public_ip: ipaddress.IPv4Address, *,
                  subnet_file: str, ip_masq: bool = False, offload: bool = False,
+                 tunnel_gso: str = "auto", inner_source_check: bool = True,
                  engine_starter: EngineStarter = start_engine,
                  routes_factory: RoutesFactory = route_programmer,
                  masq_installer: MasqInstaller = masq.ainstall) -> None:
@@ -124,6 +125,8 @@ class Supervisor:
         self._subnet_file = subnet_file
         self._ip_masq = ip_masq
         self._offload = offload
+        self._tunnel_gso = tunnel_gso if offload else "off"
+        self._inner_source_check = inner_source_check
         self._start_engine = engine_starter
         self._new_routes = routes_factory
         self._install_masq = masq_installer
@@ -211,12 +214,15 @@ class Supervisor:
         b = config.backend
         self.engine = await self._start_engine(EngineConfig(
             subnet=self.lease.subnet, public_ip=self.public_ip, vtep_mac=self.vtep_mac,
-            vni=b.vni, mtu=mtu, port=b.port, offload=self._offload))
+            vni=b.vni, mtu=mtu, port=b.port, offload=self._offload,
+            tunnel_gso=self._tunnel_gso, check_inner_source=self._inner_source_check))
         if self.routes is not None:
             self.routes.device = self.engine.tun_name
-        log.info("VXLAN engine up: %s %s/32 mtu %d, UDP %s:%d, offload %s",
-                 self.engine.tun_name, self.lease.subnet.network_address, mtu, self.public_ip,
-                 b.port, "on" if self._offload else "off")
+        stats = self.engine.snapshot()
+        log.info("VXLAN engine up: %s %s/32 mtu %d, UDP %s:%d, offload %s, tx path %s "
+                 "(tunnel GSO %s)", self.engine.tun_name, self.lease.subnet.network_address,
+                 mtu, self.public_ip, b.port, "on" if self._offload else "off", stats.tx_path,
+                 stats.tunnel_gso)
 
     async def stop_engine(self) -> None:
         engine, self.engine = self.engine, None
