@@ -138,6 +138,12 @@ def engine_metrics(engine: Mapping[str, Any]) -> Iterator[Metric]:
         if isinstance(row, (list, tuple)) and len(row) == 4:
             drops.add_metric([str(row[0]), str(row[1]), str(row[2])], _num(row[3]))
     yield drops
+    if engine.get("tx_path"):
+        path = GaugeMetricFamily("flannelette_engine_tx_path", "How the engine sends: 1 for the "
+                                 "path in use (tunnel-gso, tso-split+udp-gso, udp-gso, "
+                                 "per-datagram)", labels=["path"])
+        path.add_metric([str(engine["tx_path"])], 1.0)
+        yield path
     for key, value in sorted(engine.items()):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
