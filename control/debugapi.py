@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from control import netlink
-from control.debugpcap import CaptureFile, drop_json, tap_json
+from control.debugpcap import CaptureFile, drop_json, restore_rx, tap_json
 from control.explain import NodeView, Probe, explain, lookups_needed, peer_json
 from control.health import StreamHandler, response_head
 from control.reconcile import RouteLookup
@@ -319,6 +319,7 @@ class DebugApi:
                               "host-gw, or not started yet): nothing to tap")
             return
         attached: list[Engine] = []
+        own_mac = engines[0].config.vtep_mac
         gone = asyncio.ensure_future(_client_gone(reader))
         try:
             for e in engines:
@@ -333,7 +334,7 @@ class DebugApi:
                     if not any(e is a for a in attached):
                         e.add_tap(sub)
                         attached.append(e)
-                records = sub.drain()
+                records = [restore_rx(r, own_mac) for r in sub.drain()]
                 if records:
                     writer.write(render(records))
                     await writer.drain()

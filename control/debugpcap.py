@@ -12,6 +12,7 @@ outer record of one packet share ``epb_packetid``.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import struct
 from collections.abc import Mapping
@@ -60,6 +61,31 @@ def inner_of(datagram: bytes) -> bytes | None:
             datagram[VXLAN_ETH] >> 4) == 4:
         return datagram[VXLAN_ETH:]
     return None
+
+
+RESTORED = "inner Ethernet restored: dst = our VtepMAC, src = the lease's VtepMAC"
+
+
+def restore_rx(rec: TapRecord, own_mac: bytes) -> TapRecord:
+    """A received record whose inner Ethernet bytes 12..22 the engine had already
+    overwritten with the TUN's vnet header, with them put back.
+
+    A forwarded frame passed the engine's checks, so its destination MAC was ours and
+    its EtherType IPv4; the source MAC is not kept, the peer's lease names it.
+    """
+    outer = rec.outer
+    if (rec.direction != "rx" or rec.verdict != "forwarded" or outer is None
+            or len(outer) < VXLAN_ETH or outer[20:22] == b"\x08\x00"):
+        return rec
+    try:
+        src = bytes.fromhex(rec.peer_mac.replace(":", ""))
+    except ValueError:
+        src = b""
+    if len(src) != 6:
+        src = bytes(6)
+    fixed = outer[:8] + own_mac + src + b"\x08\x00" + outer[VXLAN_ETH:]
+    rule = f"{rec.rule}; {RESTORED}" if rec.rule else RESTORED
+    return dataclasses.replace(rec, outer=fixed, rule=rule)
 
 
 def _direction(direction: str) -> int:
