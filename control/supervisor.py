@@ -138,6 +138,8 @@ class Supervisor:
         self._lock = asyncio.Lock()  # one change of the dataplane at a time
         self._changed = asyncio.Event()  # peers or lease changed: run a round
         self._routes_replaced = asyncio.Event()  # a new RouteProgrammer (new subnet)
+        self._engine_lost: str | None = None  # why the running engine stopped (TUN deleted)
+        self.engine_restarts = 0
 
     # ---- what others read ------------------------------------------------------------------
     def lease_attrs(self) -> LeaseAttrs:
@@ -218,11 +220,30 @@ class Supervisor:
             tunnel_gso=self._tunnel_gso, check_inner_source=self._inner_source_check))
         if self.routes is not None:
             self.routes.device = self.engine.tun_name
+        if isinstance(self.engine, Engine):
+            self.engine.on_failure = self._engine_failed
         stats = self.engine.snapshot()
         log.info("VXLAN engine up: %s %s/32 mtu %d, UDP %s:%d, offload %s, tx path %s "
                  "(tunnel GSO %s)", self.engine.tun_name, self.lease.subnet.network_address,
                  mtu, self.public_ip, b.port, "on" if self._offload else "off", stats.tx_path,
                  stats.tunnel_gso)
+
+    def _engine_failed(self, reason: str) -> None:
+        """The engine lost its TUN (someone deleted it): :meth:`run` builds a new one."""
+        log.warning("VXLAN engine stopped: %s; starting a new one", reason)
+        self._engine_lost = reason
+        self._changed.set()
+
+    async def _recover_engine(self) -> None:
+        """A new engine (and TUN) for the one that failed; the round then routes into it."""
+        if self._engine_lost is None or self.lease is None:
+            return
+        if self.engine is not None:
+            await self.stop_engine()
+        await self.start_engine(self.config, self.mtu)
+        self._engine_lost = None
+        self.engine_restarts += 1
+        log.info("VXLAN engine replaced (%d so far)", self.engine_restarts)
 
     async def stop_engine(self) -> None:
         engine, self.engine = self.engine, None
@@ -281,6 +302,10 @@ class Supervisor:
             await self._follow_lease()
         except (ControlError, DataplaneError, OSError) as exc:
             return f"starting the dataplane for the new subnet failed (retrying): {exc}"
+        try:
+            await self._recover_engine()
+        except (DataplaneError, OSError) as exc:
+            return f"starting a new VXLAN engine failed (retrying): {exc}"
         peers = peers_from_leases(self._leases, self.config.backend.type)
         try:
             await self._round(peers)

@@ -33,9 +33,10 @@ table built from the whole peer set.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from dataplane import csum, gro, tso, vnet, wire
@@ -50,6 +51,7 @@ from dataplane.udp import GSO_MAX_SEGS, UDP_MAX, UdpEndpoint
 from dataplane.wire import ENCAP_HLEN, OFF_IP, DropReason, Frame
 
 _RX_BUF = 65536 + 64
+_GONE = (errno.EBADFD, errno.ENODEV)  # a read error that means the TUN was deleted
 _ZERO_VNET = bytes(vnet.VNET_HDR_LEN)
 TX = "tx"
 RX = "rx"
@@ -210,6 +212,10 @@ class Engine:
         self.tunnel_reason = "off" if config.tunnel_gso == "off" else (
             "needs offload on" if not config.offload else "not started")
         self._own_ip = config.public_ip.packed
+        # Set when a device is gone for good (the TUN deleted under us): the loops stop
+        # and ``on_failure`` tells the owner, who builds a new engine.
+        self.failure: str | None = None
+        self.on_failure: Callable[[str], None] | None = None
 
     # ---- lifecycle --------------------------------------------------------------------
     @property
@@ -290,6 +296,19 @@ class Engine:
             if self._tunnel is not None:
                 self._tunnel.close()
                 self._tunnel = None
+
+    def _fail(self, reason: str) -> None:
+        """A device is gone: stop reading (its descriptor would wake us forever), tell the
+        owner once."""
+        if self.failure is not None:
+            return
+        self.failure = reason
+        if self._loop is not None:
+            for fd in self._readers:
+                self._loop.remove_reader(fd)
+        self._readers.clear()
+        if self.on_failure is not None:
+            self.on_failure(reason)
 
     # ---- peers and counters -------------------------------------------------------------
     def set_peers(self, peers: Iterable[Peer]) -> None:
@@ -382,6 +401,9 @@ class Engine:
             k = tun.read_batch(b)
             if b.error is not None:
                 self._drop(b.error, TX, None, None)
+                if tun.last_errno in _GONE:
+                    self._fail(f"TUN {tun.name} is gone ({errno.errorcode[tun.last_errno]})")
+                    return
             for reason, data in b.rejects:
                 self._drop(reason, TX, None, data)
             if b.reads == 0:

@@ -103,6 +103,7 @@ class TunDevice:
         self._readv = readv
         self._write = write
         self._dev: pytun.TunTapDevice | None = None
+        self.last_errno = 0  # of the last failed read (EBADFD: the device was deleted)
 
     # ---- opening and set-up ------------------------------------------------------------
     @classmethod
@@ -192,8 +193,9 @@ class TunDevice:
                 n = readv(views[i])
             except BlockingIOError:
                 break
-            except OSError:
+            except OSError as e:
                 b.error = DropReason.TUN_READ_FAILED
+                self.last_errno = e.errno or 0
                 break
             size[i] = n - vnet.VNET_HDR_LEN
             i += 1
@@ -215,8 +217,9 @@ class TunDevice:
                 n = readv([view[pos + HEAD:]])
             except BlockingIOError:
                 break
-            except OSError:
+            except OSError as e:
                 b.error = DropReason.TUN_READ_FAILED
+                self.last_errno = e.errno or 0
                 break
             reads += 1
             plen = n - vnet.VNET_HDR_LEN
