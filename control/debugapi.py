@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from control import netlink
-from control.debugpcap import CaptureFile, drop_json, restore_rx, tap_json
+from control.debugpcap import CaptureFile, drop_json, fix_drop, restore_rx, tap_json
 from control.explain import NodeView, Probe, explain, lookups_needed, peer_json
 from control.health import StreamHandler, response_head
 from control.reconcile import RouteLookup
@@ -248,7 +248,7 @@ class DebugApi:
             "port": first.config.port if first else None,
             "per_reason": first.recorder.per_reason if first else None,
             "snaplen": first.recorder.snaplen if first else None,
-            "held": held, "records": [drop_json(r) for r in records]})
+            "held": held, "records": [drop_json(fix_drop(r)) for r in records]})
 
     async def explain(self, q: Mapping[str, str], reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
