@@ -37,7 +37,7 @@ class AgentOptions:
     log_level: str = "info"
     log_format: str = "text"
     watch_timeout: float = 10.0
-    engine_offload: bool = False
+    engine_offload: bool = True
     tunnel_gso: str = "auto"  # auto | on | off (with engine_offload)
     inner_source_check: bool = True
 
@@ -94,9 +94,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="same as --log-level debug")
     p.add_argument("--log-format", default=d("log-format", "text"), choices=("text", "json"),
                    help="text lines or JSON lines (one object per line)")
-    p.add_argument("--engine-offload", default=d("engine-offload", "off"), choices=("on", "off"),
-                   help="TUN TSO + UDP GSO/GRO with 64 KB super-packets in the userspace "
-                        "engine (fastest between flannelette nodes; see docs/benchmarks.md)")
+    p.add_argument("--engine-offload", default=d("engine-offload", "on"), choices=("on", "off"),
+                   help="TUN TSO: the engine reads 64 KB TCP super-packets and has the kernel "
+                        "cut them after encapsulation (--tunnel-gso) or cuts them itself "
+                        "(partial checksums to flannelette peers, full ones to kernel peers); "
+                        "default on, the fastest (docs/benchmarks.md); off: one packet per read")
     p.add_argument("--tunnel-gso", default=d("tunnel-gso", "auto"), choices=("auto", "on", "off"),
                    help="with --engine-offload on: TCP super-packets wrapped once and cut by "
                         "the kernel through a TAP (Linux >= 6.17); auto = when the kernel and "

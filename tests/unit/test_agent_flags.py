@@ -32,9 +32,12 @@ def test_defaults_are_flanneld_defaults() -> None:
     assert o.renew_margin == 3600.0 and o.lease_ttl == 86400
     assert (o.healthz_ip, o.healthz_port, o.ip_masq) == ("127.0.0.1", 9480, False)
     assert o.iface == () and o.public_ip is None and o.log_level == "info"
-    assert o.engine_offload is False
-    assert parse_args(["--engine-offload", "on"], {}).engine_offload is True
-    assert parse_args([], {"FLANNELD_ENGINE_OFFLOAD": "on"}).engine_offload is True
+    # the fastest configuration by default (offload on, tunnel GSO where the kernel has it)
+    assert o.engine_offload is True and o.tunnel_gso == "auto" and o.inner_source_check
+    assert parse_args(["--engine-offload", "off"], {}).engine_offload is False
+    assert parse_args([], {"FLANNELD_ENGINE_OFFLOAD": "off"}).engine_offload is False
+    assert parse_args([], {"FLANNELD_TUNNEL_GSO": "off"}).tunnel_gso == "off"
+    assert parse_args(["--inner-source-check", "off"], {}).inner_source_check is False
 
 
 def test_flags() -> None:
