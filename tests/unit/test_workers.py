@@ -192,7 +192,7 @@ def test_dead_worker_is_restarted_counted_and_its_counters_kept() -> None:
         assert st.per_worker[0]["tx_packets"] == 2  # the new process's own counters
         pool.set_peers([PEER_A, PEER_B])
         await pool.refresh()
-        assert new.fib.peers == (PEER_A, PEER_B)
+        assert set(new.fib.peers) == {PEER_A, PEER_B}
     run_pool(test)
 
 
@@ -215,7 +215,7 @@ def test_a_worker_that_cannot_start_fails_start() -> None:
     async def main() -> None:
         pool = EnginePool(CONFIG, 2, spawn=InProcess(fail="cannot bind UDP 10.10.1.1:8472"),
                           hold_tun=False)
-        with pytest.raises(DeviceError, match="worker 0: cannot bind UDP 10.10.1.1:8472"):
+        with pytest.raises(DeviceError, match=r"worker 0: cannot bind UDP 10\.10\.1\.1:8472"):
             await pool.start()
         assert pool.snapshot().worker_restarts == 0
     asyncio.run(asyncio.wait_for(main(), 30))
