@@ -40,12 +40,13 @@ from dataplane.engine import Engine
 from dataplane.errors import DataplaneError
 from dataplane.tap import SIDES, VERDICTS, TapFilter, TapRecord, TapSubscriber
 from dataplane.wire import DropReason, mac_from_str, mac_to_str
+from dataplane.workers import AnyEngine, EnginePool
 
 if TYPE_CHECKING:
     from control.supervisor import Supervisor
     from control.watch import PeerWatcher
 
-EngineSource = Callable[[], Sequence[Engine]]
+EngineSource = Callable[[], Sequence[AnyEngine]]
 NodeSource = Callable[[], NodeView]
 RouteGet = Callable[[Sequence[ipaddress.IPv4Address]],
                     Mapping[ipaddress.IPv4Address, Sequence[RouteLookup] | None]]
@@ -157,7 +158,7 @@ def node_json(node: NodeView, now: float) -> dict[str, Any]:
     }
 
 
-def engine_node(engine: Engine) -> NodeView:
+def engine_node(engine: AnyEngine) -> NodeView:
     """A standalone engine's view: its config and static peers, no network, no leases."""
     c = engine.config
     return NodeView(subnet=c.subnet, public_ip=c.public_ip, vtep_mac=c.vtep_mac,
@@ -166,13 +167,13 @@ def engine_node(engine: Engine) -> NodeView:
                     check_inner_source=c.check_inner_source)
 
 
-def supervisor_engines(dp: Supervisor) -> list[Engine]:
-    return [dp.engine] if isinstance(dp.engine, Engine) else []
+def supervisor_engines(dp: Supervisor) -> list[AnyEngine]:
+    return [dp.engine] if isinstance(dp.engine, (Engine, EnginePool)) else []
 
 
 def supervisor_node(dp: Supervisor, watcher: PeerWatcher | None) -> NodeView:
     """An agent's view: its lease, network config, peers with paths and their lease expiry."""
-    engine = dp.engine if isinstance(dp.engine, Engine) else None
+    engine = dp.engine if isinstance(dp.engine, (Engine, EnginePool)) else None
     b = dp.config.backend
     leases = watcher.peers if watcher is not None else {}
     return NodeView(
@@ -277,7 +278,7 @@ class DebugApi:
         buf = io.BytesIO()
         files: list[CaptureFile] = []
 
-        def start(sub: TapSubscriber, engines: Sequence[Engine]) -> bytes:
+        def start(sub: TapSubscriber, engines: Sequence[AnyEngine]) -> bytes:
             port = engines[0].config.port
             files.append(CaptureFile(buf, sub.filter.side, port=port,
                                      comment=f"flannelette capture: {_describe(q)}"))
@@ -304,7 +305,7 @@ class DebugApi:
 
     async def _stream(self, q: Mapping[str, str], reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter, ctype: str,
-                      start: Callable[[TapSubscriber, Sequence[Engine]], bytes],
+                      start: Callable[[TapSubscriber, Sequence[AnyEngine]], bytes],
                       render: Callable[[list[TapRecord]], bytes],
                       end: Callable[[TapSubscriber, str], bytes]) -> None:
         """Attach, stream until done/expired/engine gone/client gone, detach (always)."""
@@ -318,7 +319,7 @@ class DebugApi:
             await self._error(writer, 503, "no userspace VXLAN engine on this node (backend "
                               "host-gw, or not started yet): nothing to tap")
             return
-        attached: list[Engine] = []
+        attached: list[AnyEngine] = []
         own_mac = engines[0].config.vtep_mac
         gone = asyncio.ensure_future(_client_gone(reader))
         try:

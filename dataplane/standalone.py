@@ -37,6 +37,7 @@ from dataplane.engine import Engine, EngineConfig
 from dataplane.errors import DataplaneError
 from dataplane.fib import Peer
 from dataplane.stats import EngineStats
+from dataplane.workers import AnyEngine, EnginePool
 
 # A 4th --peer field: the peer is a flannelette engine (accepts partial TCP checksums).
 FLANNELETTE = "flannelette"
@@ -119,6 +120,9 @@ def _parser() -> _Parser:
     p.add_argument("--inner-source-check", choices=("on", "off"), default="on",
                    help="drop a peer's datagrams whose inner IPv4 source is outside that "
                         "peer's subnet (default on; off only for debugging)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="engine processes sharing a multi-queue TUN and SO_REUSEPORT sockets "
+                        "(default 1: in-process; see docs/operations.md)")
     p.add_argument("--stats-file", default=None, help="JSON stats, rewritten periodically")
     p.add_argument("--stats-interval", type=float, default=0.5, help="seconds between writes")
     p.add_argument("--healthz-ip", default="127.0.0.1",
@@ -128,7 +132,7 @@ def _parser() -> _Parser:
     return p
 
 
-def status_doc(engine: Engine) -> dict[str, Any]:
+def status_doc(engine: AnyEngine) -> dict[str, Any]:
     """The /status document of a standalone engine (the agent's shape, no etcd parts)."""
     c = engine.config
     st = engine.snapshot()
@@ -150,7 +154,7 @@ def status_doc(engine: Engine) -> dict[str, Any]:
             "peers": peers, "drops": dict(st.drops), "engine": figures}
 
 
-def _routes(engine: Engine) -> dict[str, Handler]:
+def _routes(engine: AnyEngine) -> dict[str, Handler]:
     def status() -> tuple[int, str, bytes]:
         return 200, "application/json", json.dumps(status_doc(engine), indent=1).encode()
 
@@ -160,7 +164,7 @@ def _routes(engine: Engine) -> dict[str, Handler]:
             "/status": status, "/metrics": metrics_text}
 
 
-async def _serve(engine: Engine, host: str, port: int) -> HealthServer | None:
+async def _serve(engine: AnyEngine, host: str, port: int) -> HealthServer | None:
     """The engine's HTTP server, or None (port 0, or the address is taken: a warning)."""
     if not port:
         return None
@@ -176,7 +180,7 @@ async def _serve(engine: Engine, host: str, port: int) -> HealthServer | None:
     return server
 
 
-def _write_stats(engine: Engine, path: str) -> None:
+def _write_stats(engine: AnyEngine, path: str) -> None:
     """Atomically replace ``path`` with the engine's counters as JSON."""
     data = engine.snapshot().to_dict()
     tmp = f"{path}.tmp{os.getpid()}"
@@ -186,8 +190,9 @@ def _write_stats(engine: Engine, path: str) -> None:
 
 
 async def _run(config: EngineConfig, peers: Sequence[Peer], stats_file: str | None,
-               interval: float, healthz: tuple[str, int] = ("127.0.0.1", 0)) -> None:
-    engine = Engine(config)
+               interval: float, healthz: tuple[str, int] = ("127.0.0.1", 0),
+               workers: int = 1) -> None:
+    engine: AnyEngine = Engine(config) if workers == 1 else EnginePool(config, workers)
     engine.set_peers(peers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -204,7 +209,7 @@ async def _run(config: EngineConfig, peers: Sequence[Peer], stats_file: str | No
             raise DataplaneError("; ".join(errors))
         print(f"engine up: {engine.tun_name} {config.subnet} "
               f"mac {wire.mac_to_str(config.vtep_mac)} on {config.public_ip}:{config.port}, "
-              f"{len(peers)} peer(s)"
+              f"{len(peers)} peer(s)" + (f", {workers} workers" if workers > 1 else "")
               + (f", /status and /debug on {server.host}:{server.port}" if server else ""),
               flush=True)
         while not stop.is_set():
@@ -253,12 +258,14 @@ def main(argv: list[str]) -> int:
             offload=args.offload == "on", rx_gro=args.rx_gro == "on",
             tx_gso=args.tx_gso == "on", check_inner_source=args.inner_source_check == "on",
             tunnel_gso=args.tunnel_gso)
+        if not 1 <= args.workers <= 64:
+            raise _UsageError(f"--workers must be in 1..64, got {args.workers}")
         if args.stats_interval <= 0:
             raise _UsageError(f"--stats-interval must be > 0, got {args.stats_interval}")
         if not 0 <= args.healthz_port <= 65535:
             raise _UsageError(f"--healthz-port must be in 0..65535, got {args.healthz_port}")
         coro = _run(config, args.peer, args.stats_file, args.stats_interval,
-                    (args.healthz_ip, args.healthz_port))
+                    (args.healthz_ip, args.healthz_port), args.workers)
         if args.loop == "uvloop":
             import uvloop
 
