@@ -215,8 +215,44 @@ c.sendall(b"hello" * 100); c.close()
 """
 
 
+def _iperf(lab: Lab, client: Host, server: Host, seconds: int) -> float:
+    assert client.container_ns and server.container_ns and server.container_ip
+    srv = lab.popen(server.container_ns, "iperf3", "-s", "-1", stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        res = lab.run(client.container_ns, "iperf3", "-c", str(server.container_ip), "-t",
+                      str(seconds), "-J", timeout=seconds + 30)
+        doc = json.loads(res.stdout)
+        return float(doc["end"]["sum_received"]["bits_per_second"]) / 1e9
+    finally:
+        lab.stop(srv)
+
+
+def capture_cost(seconds: int = 3, rounds: int = 2) -> None:
+    """One TCP stream h1 -> h2 (iperf3), without and with a full capture on h1's engine."""
+    print("## What a full capture costs\n")
+    with engines_lab() as (lab, h1, h2, _, _):
+        assert h1.container_ns and h2.container_ip
+        lab.wait_ping(h1.container_ns, h2.container_ip)
+        for i in range(rounds):
+            off = _iperf(lab, h1, h2, seconds)
+            figures = [f"capture off {off:.2f} Gbit/s"]
+            for what, args in (("full capture, both sides, -w /dev/null", ()),
+                               ("tap on, filter matching nothing", ("host", "10.99.9.9"))):
+                cap = fl_popen(lab, h1, "capture", "-w", "/dev/null", "--side", "both", *args)
+                wait_taps(lab, h1, 1)
+                on = _iperf(lab, h1, h2, seconds)
+                lab.stop(cap)
+                _, err = cap.communicate(timeout=10)
+                summary = err.strip().removeprefix("flannelette capture: ")
+                figures.append(f"{what} {on:.2f} Gbit/s ({summary})")
+            print(f"round {i + 1}: " + "; ".join(figures), flush=True)
+
+
 SCENARIOS = {"blocked": blocked_8472, "stale-mac": stale_mac, "mtu": mtu_too_large,
-             "spoofed": spoofed_and_unknown, "kernel-partial": kernel_partial}
+             "spoofed": spoofed_and_unknown, "kernel-partial": kernel_partial,
+             "capture-cost": capture_cost}
 
 
 def main(argv: Sequence[str] = ()) -> int:

@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import json
 import os
+import signal
 import struct
 import sys
 import time
@@ -39,6 +40,7 @@ def open_stream(host: str, port: int, path: str, params: Mapping[str, object],
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request("GET", url)
+        sock = conn.sock  # getresponse() hands an HTTP/1.0 connection to the response
         resp = conn.getresponse()
     except OSError as exc:
         conn.close()
@@ -52,8 +54,8 @@ def open_stream(host: str, port: int, path: str, params: Mapping[str, object],
         if resp.status == 404:
             body = f"{path} not found: the node runs a flannelette without debug endpoints"
         raise DebugError(f"the node answered HTTP {resp.status}: {body}")
-    if stream and conn.sock is not None:
-        conn.sock.settimeout(None)
+    if stream and sock is not None:
+        sock.settimeout(None)  # a quiet capture may wait long for its next packet
     return resp
 
 
@@ -112,7 +114,12 @@ def _parse(prog: str, build: Any, argv: Sequence[str]) -> argparse.Namespace:
     return p.parse_args(list(argv))
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _run(prog: str, body: Any, args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)  # stop a capture/trace as Ctrl-C does
     try:
         return int(body(args))
     except DebugError as exc:

@@ -195,3 +195,17 @@ def test_unreachable_node_is_one_clear_line() -> None:
     text = str(info.value)
     assert "no flannelette agent or engine answers" in text and "\n" not in text
     assert f"--healthz-port {port}" in text
+
+
+def test_a_quiet_stream_outlives_the_connect_timeout() -> None:
+    async def scenario(e: Engine, tun: FakeTun, udp: FakeUdp, port: int) -> None:
+        def client() -> list[dict[str, Any]]:
+            resp = open_stream("127.0.0.1", port, "/debug/trace",
+                               {"duration": 0.8, "filter": "host 10.99.9.9"}, timeout=0.2,
+                               stream=True)
+            return [json.loads(line) for line in resp.read().splitlines()]
+        fut = asyncio.ensure_future(asyncio.to_thread(client))
+        await _traffic(e, tun, udp, 500, fut.done)
+        lines = await fut
+        assert lines == [{"end": "duration over", "records": 0, "lost": 0}]
+    run(scenario)
