@@ -86,6 +86,9 @@ class EngineConfig:
     # and host allow it, else the userspace split; "on": required; "off": never.
     tunnel_gso: str = "auto"
     tunnel_tap_name: str | None = None  # default f"fltx.{vni}"
+    # After a wake-up that moved packets, poll for this long before sleeping again: trades
+    # CPU for latency (a reply crossing the engine needs no process wake-up). 0 = off.
+    busy_poll_us: int = 0
     # One of several worker processes sharing the devices: a multi-queue TUN (and TAP) and
     # an SO_REUSEPORT UDP socket, all opened under the same names and port.
     shared_devices: bool = False
@@ -101,6 +104,8 @@ class EngineConfig:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")
         if self.batch < 1:
             raise ConfigError(f"batch must be >= 1, got {self.batch}")
+        if not 0 <= self.busy_poll_us <= 10000:
+            raise ConfigError(f"busy_poll_us must be in 0..10000, got {self.busy_poll_us}")
         if self.tunnel_gso not in ("auto", "on", "off"):
             raise ConfigError(f"tunnel_gso must be auto, on or off, got {self.tunnel_gso!r}")
         if self.tunnel_gso == "on" and not self.offload:
@@ -215,6 +220,8 @@ class Engine:
         # Set when a device is gone for good (the TUN deleted under us): the loops stop
         # and ``on_failure`` tells the owner, who builds a new engine.
         self.failure: str | None = None
+        self._busy = config.busy_poll_us / 1e6
+        self._spinning = False
         self.on_failure: Callable[[str], None] | None = None
 
     # ---- lifecycle --------------------------------------------------------------------
@@ -383,11 +390,43 @@ class Engine:
 
     # ---- tx: TUN -> UDP -------------------------------------------------------------------
     def tun_readable(self) -> None:
-        """The tx loop (the TUN's reader callback): drain the TUN; runs of back-to-back
-        packets to one peer leave in one GSO call."""
+        """The TUN's reader callback: the tx loop, then (busy polling) a short wait for
+        the next packet without sleeping."""
+        if self._tx() and self._busy and not self._spinning:
+            self._spin()
+
+    def udp_readable(self) -> None:
+        """The UDP endpoint's reader callback: the rx loop, then (busy polling) a short
+        wait for the next packet without sleeping."""
+        if self._rx() and self._busy and not self._spinning:
+            self._spin()
+
+    def _spin(self) -> None:
+        """Busy polling: for up to ``busy_poll_us`` after a wake-up that moved packets,
+        poll both devices instead of sleeping; the first that has a packet is drained
+        and the loop returns to the event loop (so control-plane tasks are never held up
+        by more than one window). A request/response crossing the engine (a ping, an
+        RPC) then costs no process wake-up on that side: the reply is caught while we
+        still run."""
+        self._spinning = True
+        try:
+            clock = time.perf_counter
+            end = clock() + self._busy
+            c = self._c
+            while clock() < end:
+                c.busy_polls += 1
+                if self._tx() or self._rx():
+                    c.busy_poll_hits += 1
+                    return
+        finally:
+            self._spinning = False
+
+    def _tx(self) -> int:
+        """The tx loop: drain the TUN; runs of back-to-back packets to one peer leave in
+        one GSO call. Returns the TUN reads it made."""
         tun, b = self._tun, self._txb
         if tun is None:
-            return
+            return 0
         buf, view = b.buf, b.view
         off, size, csums = b.off, b.size, b.csum
         table = self._table
@@ -403,7 +442,7 @@ class Engine:
                 self._drop(b.error, TX, None, None)
                 if tun.last_errno in _GONE:
                     self._fail(f"TUN {tun.name} is gone ({errno.errorcode[tun.last_errno]})")
-                    return
+                    return 0
             for reason, data in b.rejects:
                 self._drop(reason, TX, None, data)
             if b.reads == 0:
@@ -457,10 +496,12 @@ class Engine:
                 flush(run, first, end, seglen, npk, nby, i0)
             if b.error is not None or (k < b.nslots and not b.rejects and not self.config.offload):
                 break  # drained (or failing): wait for the next wake-up
-        c.tun_packets += total
-        c.tun_wakeups += 1
-        if total > c.tun_max_batch:
-            c.tun_max_batch = total
+        if total or not self._spinning:
+            c.tun_packets += total
+            c.tun_wakeups += 1
+            if total > c.tun_max_batch:
+                c.tun_max_batch = total
+        return total
 
     def _flush(self, route: Route, first: int, end: int, seglen: int, npk: int, nby: int,
                i0: int) -> None:
@@ -582,12 +623,12 @@ class Engine:
             self._drop(DropReason.TUN_WRITE_FAILED, RX, None, reply)
 
     # ---- rx: UDP -> TUN ---------------------------------------------------------------------
-    def udp_readable(self) -> None:
-        """The rx loop (the UDP endpoint's reader callback): drain it; each datagram
-        checked, then merged or written alone."""
+    def _rx(self) -> int:
+        """The rx loop: drain the UDP endpoint; each datagram checked, then merged or
+        written alone. Returns the receives that had data."""
         udp, tun = self._udp, self._tun
         if udp is None or tun is None:
-            return
+            return 0
         coalescer = self._gro
         buf, view, bufs = self._rxbuf, self._rxview, self._rxbufs
         table = self._table
@@ -674,10 +715,12 @@ class Engine:
                     self._drop(verdict, RX, route, seg[:seg_n], src)
             if held:
                 self._write_held(route, held, held_by, src)
-        c.udp_packets += count
-        c.udp_wakeups += 1
-        if count > c.udp_max_batch:
-            c.udp_max_batch = count
+        if count or not self._spinning:
+            c.udp_packets += count
+            c.udp_wakeups += 1
+            if count > c.udp_max_batch:
+                c.udp_max_batch = count
+        return count
 
     def _count_rx(self, route: Route, npk: int, nby: int, kind: int) -> None:
         st = route.stats

@@ -106,6 +106,9 @@ def _parser() -> _Parser:
                         "whose TCP segments may carry partial checksums (offload on)")
     p.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     p.add_argument("--batch", type=int, default=256, help="packets drained per wake-up")
+    p.add_argument("--busy-poll-us", type=int, default=0, metavar="US",
+                   help="after a wake-up that moved packets, poll this long before sleeping "
+                        "(CPU for latency; 0 = off)")
     p.add_argument("--offload", choices=("on", "off"), default="off",
                    help="TUN TSO + UDP GSO/GRO + userspace GRO (default off)")
     p.add_argument("--rx-gro", choices=("on", "off"), default="on",
@@ -257,7 +260,7 @@ def main(argv: list[str]) -> int:
             tun_name=args.tun_name, port=args.port, batch=args.batch,
             offload=args.offload == "on", rx_gro=args.rx_gro == "on",
             tx_gso=args.tx_gso == "on", check_inner_source=args.inner_source_check == "on",
-            tunnel_gso=args.tunnel_gso)
+            tunnel_gso=args.tunnel_gso, busy_poll_us=args.busy_poll_us)
         if not 1 <= args.workers <= 64:
             raise _UsageError(f"--workers must be in 1..64, got {args.workers}")
         if args.stats_interval <= 0:

@@ -16,7 +16,8 @@ from typing import Any
 class Counters:
     """Engine-wide counters, moved only by the two loops after the I/O succeeded."""
 
-    __slots__ = ("arp_replies", "icmp_unreachable", "rx_csum_partial", "rx_gro_merged",
+    __slots__ = ("arp_replies", "busy_poll_hits", "busy_polls", "icmp_unreachable",
+                 "rx_csum_partial", "rx_gro_merged",
                  "rx_gso", "tap_records", "tap_records_lost", "tso_segments", "tso_splits",
                  "tun_max_batch", "tun_packets", "tun_wakeups", "tunnel_gso_segments",
                  "tunnel_gso_writes", "tx_csum_completed",
@@ -25,6 +26,8 @@ class Counters:
 
     def __init__(self) -> None:
         self.arp_replies = 0
+        self.busy_poll_hits = 0
+        self.busy_polls = 0
         self.icmp_unreachable = 0
         self.rx_csum_partial = 0
         self.rx_gro_merged = 0
@@ -107,6 +110,8 @@ class EngineStats:
     tap_records_lost: int = 0  # records a full tap queue could not take (traffic unaffected)
     tunnel_gso_writes: int = 0  # super-packets handed to the kernel to segment (one write each)
     tunnel_gso_segments: int = 0  # the datagrams those writes became
+    busy_polls: int = 0  # polls made while busy polling (--busy-poll-us)
+    busy_poll_hits: int = 0  # of those, the ones that found a packet (a wake-up saved)
     tx_path: str = ""  # tunnel-gso | tso-split+udp-gso | udp-gso | per-datagram
     tunnel_gso: str = ""  # on (device) | off | unavailable: why
     @property
