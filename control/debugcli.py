@@ -155,11 +155,11 @@ def inner_summary(data: bytes) -> str:
             text = f"IP {src} > {dst} fragment offset {pkt.frag * 8} proto {pkt.proto}"
         elif TCP in pkt:
             t = pkt[TCP]
-            text = (f"TCP {src}:{t.sport} > {dst}:{t.dport} [{t.flags}] seq {t.seq} "
-                    f"len {len(t.payload)}")
+            data = pkt.len - pkt.ihl * 4 - (t.dataofs or 5) * 4  # the bytes may be cut
+            text = f"TCP {src}:{t.sport} > {dst}:{t.dport} [{t.flags}] seq {t.seq} len {data}"
         elif UDP in pkt:
             u = pkt[UDP]
-            text = f"UDP {src}:{u.sport} > {dst}:{u.dport} len {len(u.payload)}"
+            text = f"UDP {src}:{u.sport} > {dst}:{u.dport} len {u.len - 8}"
         elif ICMP in pkt:
             i = pkt[ICMP]
             text = f"ICMP {src} > {dst} {i.sprintf('%ICMP.type%')}"
