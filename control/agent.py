@@ -33,7 +33,7 @@ from control.keeper import LeaseKeeper
 from control.lease import Lease
 from control.options import AgentOptions, build_parser, parse_args
 from control.statusdoc import Snapshot, WatchState
-from control.supervisor import Supervisor
+from control.supervisor import Supervisor, engine_starter
 from control.tasks import run_together, until_stopped
 from control.watch import PeerWatcher
 from dataplane.errors import DataplaneError
@@ -59,7 +59,8 @@ async def run(opts: AgentOptions, stop: asyncio.Event) -> int:
         raise ConfigError(f"bad network config at {key}: {exc}") from None
     dp = Supervisor(config, config.mtu_for(iface.mtu), public_ip, subnet_file=opts.subnet_file,
                     ip_masq=opts.ip_masq, offload=opts.engine_offload,
-                    tunnel_gso=opts.tunnel_gso, inner_source_check=opts.inner_source_check)
+                    tunnel_gso=opts.tunnel_gso, inner_source_check=opts.inner_source_check,
+                    engine_starter=engine_starter(opts.workers))
     watcher: PeerWatcher | None = None
 
     def acquired(lease: Lease) -> None:

@@ -40,6 +40,7 @@ class AgentOptions:
     engine_offload: bool = True
     tunnel_gso: str = "auto"  # auto | on | off (with engine_offload)
     inner_source_check: bool = True
+    workers: int = 1  # engine processes (1: in-process)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,6 +108,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                    choices=("on", "off"),
                    help="drop a peer's VXLAN datagrams whose inner IPv4 source is outside that "
                         "peer's subnet (default on; off only for debugging)")
+    p.add_argument("--workers", type=int, default=int(d("workers", "1")),
+                   help="engine processes sharing a multi-queue TUN and SO_REUSEPORT sockets "
+                        "(default 1: in-process; see docs/operations.md)")
     p.add_argument("--watch-timeout", type=float, default=float(d("watch-timeout", "10")),
                    help=argparse.SUPPRESS)
     p.add_argument("--etcd-timeout", type=float, default=float(d("etcd-timeout", "5")),
@@ -144,6 +148,8 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> AgentOptions:
         raise FlagError(f"--subnet-lease-renew-margin must be above 0 and below the lease "
                         f"TTL ({ns.subnet_lease_ttl / 60:g} min), got "
                         f"{ns.subnet_lease_renew_margin:g} min")
+    if not 1 <= ns.workers <= 64:
+        raise FlagError(f"--workers must be in 1..64, got {ns.workers}")
     # argparse checks choices on the command line only, not FLANNELD_* defaults.
     for flag, value, allowed in (("etcd-api", ns.etcd_api, ("auto", "v2", "v3")),
                                  ("log-level", ns.log_level,
@@ -160,4 +166,5 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> AgentOptions:
         ip_masq=ns.ip_masq, healthz_ip=ns.healthz_ip, healthz_port=ns.healthz_port,
         log_level="debug" if ns.verbose else ns.log_level, log_format=ns.log_format,
         watch_timeout=ns.watch_timeout, engine_offload=ns.engine_offload == "on",
-        tunnel_gso=ns.tunnel_gso, inner_source_check=ns.inner_source_check == "on")
+        tunnel_gso=ns.tunnel_gso, inner_source_check=ns.inner_source_check == "on",
+        workers=ns.workers)

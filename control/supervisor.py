@@ -36,6 +36,7 @@ from dataplane.errors import DataplaneError
 from dataplane.fib import Path, Peer
 from dataplane.stats import EngineStats
 from dataplane.wire import random_vtep_mac
+from dataplane.workers import EnginePool
 
 log = logging.getLogger("flannelette.agent")
 
@@ -83,11 +84,19 @@ RoutesFactory = Callable[[str | None, Subnet, Subnet], RouteOwner]
 MasqInstaller = Callable[[Subnet, Subnet], Awaitable[str]]
 
 
-async def start_engine(config: EngineConfig) -> Engine:
-    """The one place a VXLAN engine is built and started (for start-up and live switches)."""
-    engine = Engine(config)
+async def start_engine(config: EngineConfig, workers: int = 1) -> Engine | EnginePool:
+    """The one place a VXLAN engine is built and started (for start-up and live switches);
+    ``workers`` > 1: that many engine processes as one (dataplane/workers.py)."""
+    engine: Engine | EnginePool = Engine(config) if workers == 1 else EnginePool(config, workers)
     await engine.start()
     return engine
+
+
+def engine_starter(workers: int) -> EngineStarter:
+    """:func:`start_engine` with ``workers`` (the agent's --workers)."""
+    async def start(config: EngineConfig) -> RunningEngine:
+        return await start_engine(config, workers)
+    return start
 
 
 def route_programmer(device: str | None, network: Subnet, own_subnet: Subnet) -> RouteOwner:
