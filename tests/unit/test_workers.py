@@ -337,3 +337,19 @@ def test_merge_stats_and_retired_base() -> None:
     assert [w["pid"] for w in st.per_worker] == [12, 11]
     state.handle(0, {"op": "stats", "stats": EngineStats(tun_packets=1).to_dict()})
     assert state.snapshot().tun_packets == 8
+
+
+def test_workers_flags() -> None:
+    from control.errors import FlagError
+    from control.options import parse_args
+    from dataplane.standalone import _parser
+
+    assert parse_args([], {}).workers == 1
+    assert parse_args(["--workers", "3"], {}).workers == 3
+    assert parse_args([], {"FLANNELD_WORKERS": "2"}).workers == 2
+    for bad in ("0", "65"):
+        with pytest.raises(FlagError, match=r"--workers must be in 1\.\.64"):
+            parse_args(["--workers", bad], {})
+    args = _parser().parse_args(["--subnet", "10.244.1.0/24", "--public-ip", "10.10.1.1",
+                                 "--workers", "2"])
+    assert args.workers == 2
