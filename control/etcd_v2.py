@@ -127,25 +127,34 @@ class EtcdV2Registry:
 
     async def _call(self, fn: Callable[[etcd.Client], T], timeout: float | None = None) -> T:
         """Run ``fn(client)`` in a thread; connection trouble -> RegistryUnavailable
-        (and the next call tries the next endpoint)."""
+        (and the next call tries the next endpoint). Only a failure at the current
+        endpoint moves on: the watches and probes run side by side, and the second of
+        two calls failing at a dead member must not skip the member just failed over to."""
         read_timeout = self._options.timeout if timeout is None else timeout
+        index = self._current
+        client = self._client(read_timeout)  # here, not in the thread: at ``index``
 
         def run() -> T:
-            return fn(self._client(read_timeout))
+            return fn(client)
         try:
             return await _in_daemon_thread(run)
         except _CONNECTION_ERRORS as exc:
-            endpoint = self._endpoint()
-            self._current = (self._current + 1) % len(self._hosts)
-            raise RegistryUnavailable(f"etcd v2 at {endpoint}: {_reason(exc)}") from None
+            self._failed(index)
+            raise RegistryUnavailable(f"etcd v2 at {self._endpoint(index)}: {_reason(exc)}"
+                                      ) from None
         except _MALFORMED_ANSWER as exc:
-            endpoint = self._endpoint()
-            self._current = (self._current + 1) % len(self._hosts)
-            raise RegistryUnavailable(f"etcd v2 at {endpoint}: malformed answer "
+            self._failed(index)
+            raise RegistryUnavailable(f"etcd v2 at {self._endpoint(index)}: malformed answer "
                                       f"({type(exc).__name__}: {_reason(exc)})") from None
 
-    def _endpoint(self) -> str:
-        scheme, host, port = self._hosts[self._current]
+    def _failed(self, index: int) -> None:
+        """A call at endpoint ``index`` failed: the next call goes to the one after it
+        (unless another call has moved on already)."""
+        if self._current == index:
+            self._current = (index + 1) % len(self._hosts)
+
+    def _endpoint(self, index: int) -> str:
+        scheme, host, port = self._hosts[index]
         return f"{scheme}://{host}:{port}"
 
     def _key(self, subnet: ipaddress.IPv4Network) -> str:

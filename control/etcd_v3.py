@@ -5,8 +5,13 @@ Leases as flannel >= 0.18 writes them: grant an etcd lease, then a transaction
 lease and rewrites the value (only while the key still holds our value). The
 watch keeps one stream open from ``cursor + 1`` and hands out what arrived
 within the timeout; compaction becomes ResyncRequired. Any other error drops
-the client; the next call connects afresh. TLS (--etcd-cafile/certfile/keyfile,
-https:// endpoints) uses a gRPC TLS channel under aetcd's client.
+the client; the next call connects afresh, to the next endpoint. Only a failure
+of the current client drops it: the lease watch, the config watch and the
+probes share one client, and a second failure seen from the same dead member
+(or from a stream that the drop itself closed) must not throw away the client
+of the member just failed over to, nor skip that member. TLS
+(--etcd-cafile/certfile/keyfile, https:// endpoints) uses a gRPC TLS channel
+under aetcd's client.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import asyncio
 import contextlib
 import ipaddress
 import time
+import weakref
 from typing import Any
 
 import aetcd
@@ -34,9 +40,11 @@ _END = object()  # the watch stream ended
 class _Stream:
     """One open watch: a task pumping aetcd's iterator into a queue we can wait on."""
 
-    def __init__(self, watch: Any, start: int) -> None:
+    def __init__(self, watch: Any, start: int, client: Any = None) -> None:
         self.watch = watch
         self.start = start
+        self.client = client  # the aetcd client it was opened on
+        self.closed = False  # closed by us (a drop, or close()), not ended by etcd
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.task = asyncio.get_running_loop().create_task(self._pump())
 
@@ -49,11 +57,15 @@ class _Stream:
         self.queue.put_nowait(_END)
 
     async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.watch.cancel(), 2.0)
         self.task.cancel()
         with contextlib.suppress(BaseException):
             await self.task
+        self.queue.put_nowait(_END)  # wakes a caller still waiting on this stream
 
 
 def _read(path: str, flag: str) -> bytes | None:
@@ -123,6 +135,7 @@ class EtcdV3Registry:
         self._hosts = options.hosts()
         self._current = 0
         self._client: aetcd.Client | None = None
+        self._endpoint_of: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._stream: _Stream | None = None
         self._config_stream: _Stream | None = None
         self._prefix = subnets_dir(options.prefix).encode() + b"/"
@@ -137,16 +150,19 @@ class EtcdV3Registry:
                          connect_wait_timeout=o.timeout)
             if isinstance(client, _TlsClient):
                 client.credentials = self._credentials
+            self._endpoint_of[client] = f"{host}:{port}"
             self._client = client
         return self._client
 
     async def _release(self) -> None:
         """Close both watch streams and the client."""
-        stream, self._stream = self._stream, None
-        if stream is not None:
-            await stream.close()
-        await self._close_config_stream()
         client, self._client = self._client, None
+        # Both taken before the first await: a stream opened meanwhile is the next one's.
+        streams = (self._stream, self._config_stream)
+        self._stream = self._config_stream = None
+        for stream in streams:
+            if stream is not None:
+                await stream.close()
         if client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), 2.0)
@@ -157,34 +173,45 @@ class EtcdV3Registry:
         await self._release()
         self._current = (self._current + 1) % len(self._hosts)
 
-    def _unavailable(self, exc: BaseException) -> RegistryUnavailable:
-        _, host, port = self._hosts[self._current]
-        return RegistryUnavailable(f"etcd v3 at {host}:{port}: {exc or type(exc).__name__}")
+    async def _failed(self, client: Any) -> None:
+        """A call or stream on ``client`` failed: drop it if it is still the current
+        client. Otherwise another call saw the failure first and dropped it; the
+        client now in place (maybe already the next member's) stays."""
+        if client is self._client:
+            await self._drop()
+
+    def _unavailable(self, exc: BaseException, client: Any = None) -> RegistryUnavailable:
+        where = self._endpoint_of.get(client) if client is not None else None
+        if where is None:
+            _, host, port = self._hosts[self._current]
+            where = f"{host}:{port}"
+        return RegistryUnavailable(f"etcd v3 at {where}: {exc or type(exc).__name__}")
 
     def _key(self, subnet: ipaddress.IPv4Network) -> bytes:
         return subnet_key(self._options.prefix, subnet).encode()
 
-    async def _guard(self, coro: Any) -> Any:
-        """Await an aetcd call with a deadline; any failure -> RegistryUnavailable."""
+    async def _guard(self, coro: Any, client: Any) -> Any:
+        """Await an aetcd call made on ``client`` with a deadline; any failure ->
+        RegistryUnavailable (and the client dropped, if still current)."""
         try:
             return await asyncio.wait_for(coro, self._options.timeout + 1.0)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            err = self._unavailable(exc)
-            await self._drop()
+            err = self._unavailable(exc, client)
+            await self._failed(client)
             raise err from None
 
     # ---- Registry ------------------------------------------------------------------------
     async def get_config(self) -> str | None:
         key = f"{self._options.prefix.rstrip('/')}/config".encode()
         client = await self._connect()
-        res = await self._guard(client.get(key))
+        res = await self._guard(client.get(key), client)
         return None if res is None else bytes(res.value).decode("utf-8", "replace")
 
     async def list_leases(self) -> LeaseSnapshot:
         client = await self._connect()
-        res = await self._guard(client.get_prefix(self._prefix))
+        res = await self._guard(client.get_prefix(self._prefix), client)
         leases = []
         for kv in res.kvs:
             subnet = parse_key(bytes(kv.key).decode("utf-8", "replace"))
@@ -194,14 +221,14 @@ class EtcdV3Registry:
 
     async def _put_if(self, key: bytes, compare: Any, value: str, ttl: int) -> float | None:
         client = await self._connect()
-        lease = await self._guard(client.lease(ttl))
+        lease = await self._guard(client.lease(ttl), client)
         ok, _ = await self._guard(client.transaction(
             compare=[compare], success=[client.transactions.put(key, value.encode(),
                                                                  lease=lease.id)],
-            failure=[]))
+            failure=[]), client)
         if not ok:
             with contextlib.suppress(RegistryUnavailable):
-                await self._guard(client.revoke_lease(lease.id))
+                await self._guard(client.revoke_lease(lease.id), client)
             return None
         return time.time() + int(lease.ttl)
 
@@ -213,8 +240,8 @@ class EtcdV3Registry:
 
     async def put_lease(self, subnet: ipaddress.IPv4Network, value: str, ttl: int) -> float:
         client = await self._connect()
-        lease = await self._guard(client.lease(ttl))
-        await self._guard(client.put(self._key(subnet), value.encode(), lease=lease.id))
+        lease = await self._guard(client.lease(ttl), client)
+        await self._guard(client.put(self._key(subnet), value.encode(), lease=lease.id), client)
         return time.time() + int(lease.ttl)
 
     async def renew_lease(self, subnet: ipaddress.IPv4Network, value: str, ttl: int
@@ -226,7 +253,7 @@ class EtcdV3Registry:
 
     async def delete_lease(self, subnet: ipaddress.IPv4Network) -> None:
         client = await self._connect()
-        await self._guard(client.delete(self._key(subnet)))
+        await self._guard(client.delete(self._key(subnet)), client)
 
     async def _open_watch(self, key: bytes, start: int, *, prefix: bool = False) -> _Stream:
         """Open a watch of ``key`` (or every key under it) from revision ``start``."""
@@ -240,10 +267,10 @@ class EtcdV3Registry:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            err = self._unavailable(exc)
-            await self._drop()
+            err = self._unavailable(exc, client)
+            await self._failed(client)
             raise err from None
-        return _Stream(watch, start)
+        return _Stream(watch, start, client)
 
     async def watch_leases(self, cursor: int, timeout: float) -> WatchBatch:
         stream = self._stream
@@ -262,15 +289,19 @@ class EtcdV3Registry:
         events: list[WatchEvent] = []
         for item in items:
             if item is _END or isinstance(item, BaseException):
-                self._stream = None
+                # Closed by a drop (another call failed over): nothing to report, the
+                # next call opens a stream on the current client from the cursor.
+                ours = stream.closed or stream.client is not self._client
+                if self._stream is stream:
+                    self._stream = None
                 await stream.close()
                 if isinstance(item, aetcd.exceptions.RevisionCompactedError):
                     raise ResyncRequired(f"etcd v3 watch compacted: {item}")
-                if events:  # hand out what we have; the next call re-opens at the cursor
+                if events or ours:  # hand out what we have; the next call re-opens
                     break
                 err = self._unavailable(item if isinstance(item, BaseException)
-                                        else RuntimeError("watch stream ended"))
-                await self._drop()
+                                        else RuntimeError("watch stream ended"), stream.client)
+                await self._failed(stream.client)
                 raise err
             kv = item.kv
             rev = int(kv.mod_revision)
@@ -300,7 +331,7 @@ class EtcdV3Registry:
     async def get_config_rev(self) -> tuple[str | None, int]:
         key = self._config_key()
         client = await self._connect()
-        res = await self._guard(client.get_range(key, key + b"\0"))
+        res = await self._guard(client.get_range(key, key + b"\0"), client)
         value = None
         for kv in res.kvs:
             value = bytes(kv.value).decode("utf-8", "replace")
@@ -318,12 +349,18 @@ class EtcdV3Registry:
             except TimeoutError:
                 return ConfigEvent(False, None, cursor)
             if item is _END or isinstance(item, BaseException):
-                await self._close_config_stream()
+                ours = stream.closed or stream.client is not self._client
+                if self._config_stream is stream:
+                    self._config_stream = None
+                await stream.close()
                 if isinstance(item, aetcd.exceptions.RevisionCompactedError):
                     raise ResyncRequired(f"etcd v3 config watch compacted: {item}")
+                if ours:  # closed by a drop: no change seen; the next call re-opens
+                    return ConfigEvent(False, None, cursor)
                 err = self._unavailable(item if isinstance(item, BaseException)
-                                        else RuntimeError("config watch stream ended"))
-                await self._drop()
+                                        else RuntimeError("config watch stream ended"),
+                                        stream.client)
+                await self._failed(stream.client)
                 raise err
             rev = int(item.kv.mod_revision)
             if rev <= cursor:
