@@ -149,6 +149,8 @@ def engine_options() -> dict[str, list[str]]:
         axes["batch"] = ["1"]  # one packet per wake-up, against the default drain
     if re.search(r"--tunnel-gso\b", text):
         axes["tunnel"] = ["on"]  # the kernel segments encapsulated super-packets
+    if re.search(r"--workers\b", text):
+        axes["workers"] = ["2"]  # engine processes on a multi-queue TUN + SO_REUSEPORT
     if re.search(r"--tx-gso\b", text) and re.search(r"--rx-gro\b", text):
         axes["gso"] = ["off"]  # one datagram per system call, against the default GSO/GRO
     return axes
@@ -281,6 +283,11 @@ def all_modes() -> list[Mode]:
                           "wrapped once and segmented by the kernel (--tunnel-gso on)",
                           functools.partial(setup_engine, extra=["--offload", "on",
                                                                  "--tunnel-gso", "on"]), True))
+    for n in axes.get("workers", []):
+        modes.append(Mode(f"fl-workers{n}", f"flannelette engine, offloads on, {n} worker "
+                          f"processes (--offload on --workers {n})",
+                          functools.partial(setup_engine, extra=["--offload", "on",
+                                                                 "--workers", n]), True))
     tree = os.environ.get(BASELINE_ENV, "")
     if tree:  # the same engine modes from an older checkout, for before/after ratios
         for name, extra, partial in (("fl-uvloop", [], False),
