@@ -155,8 +155,8 @@ def inner_summary(data: bytes) -> str:
             text = f"IP {src} > {dst} fragment offset {pkt.frag * 8} proto {pkt.proto}"
         elif TCP in pkt:
             t = pkt[TCP]
-            data = pkt.len - pkt.ihl * 4 - (t.dataofs or 5) * 4  # the bytes may be cut
-            text = f"TCP {src}:{t.sport} > {dst}:{t.dport} [{t.flags}] seq {t.seq} len {data}"
+            size = pkt.len - pkt.ihl * 4 - (t.dataofs or 5) * 4  # the bytes may be cut
+            text = f"TCP {src}:{t.sport} > {dst}:{t.dport} [{t.flags}] seq {t.seq} len {size}"
         elif UDP in pkt:
             u = pkt[UDP]
             text = f"UDP {src}:{u.sport} > {dst}:{u.dport} len {u.len - 8}"
