@@ -127,6 +127,12 @@ def _run(prog: str, body: Any, args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as exc:
+        if exc.name != "scapy":
+            raise
+        print(f"{prog}: decoding needs scapy (pip install scapy==2.8.0, or the package's "
+              "[test] extra)", file=sys.stderr)
+        return 1
 
 
 @contextlib.contextmanager
