@@ -4,7 +4,9 @@ and SO_REUSEPORT sockets.
 20 MB over TCP both ways (SHA-256 compared at the far end), four parallel flows
 with both workers of each host carrying traffic, a worker killed with SIGKILL
 restarted (counted, counters kept) with traffic going on, and no worker left
-behind when the engine goes, also when the engine itself is SIGKILLed.
+behind when the engine goes, also when the engine itself is SIGKILLed. Two
+`flannelette run --workers 2` agents carry traffic and show the pool in /status,
+/metrics and a /debug/trace.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import concurrent.futures
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from benchmarks.cluster import Cluster
 from benchmarks.lab import Host, Lab
 from tests.netns.test_engine_netns import MAC1, MAC2, start_engine, tcp_transfer, wait_stats
 
@@ -157,3 +161,44 @@ def test_workers_go_with_the_engine(pools: tuple[Lab, Host, Host, Path, Path]) -
     while "flannel.1" in lab.ip(h2.ns, "link", "show").stdout:
         assert time.monotonic() < end, "TUN outlived the engine and its workers"
         time.sleep(0.1)
+
+
+@pytest.mark.etcd("etcdctl")
+def test_agents_with_two_workers(lab: Lab) -> None:
+    lab.add_segment("A", "10.10.1.0/24")
+    h1 = lab.add_host("h1", "A", "10.7.1.0/24")
+    h2 = lab.add_host("h2", "A", "10.7.2.0/24")
+    assert h1.container_ns and h2.container_ns and h2.container_ip and h1.container_ip
+    with Cluster(lab) as cluster:
+        cluster.start_etcd()
+        cluster.set_config('{"Network":"10.7.0.0/16","Backend":{"Type":"vxlan"}}', api=3)
+        a1 = cluster.start_agent(h1, "--workers", "2", api="v3", timeout=60.0)
+        a2 = cluster.start_agent(h2, api="v3", env={"FLANNELD_WORKERS": "2"}, timeout=60.0)
+        for agent, peer in ((a1, "10.7.2.0/24"), (a2, "10.7.1.0/24")):
+            doc = cluster.wait_peers(agent, [peer], timeout=60.0)
+            assert [p["path"] for p in doc["peers"]] == ["vxlan"]
+        assert lab.wait_ping(h1.container_ns, h2.container_ip)
+        sent, received = tcp_transfer(lab, h1.container_ns, h2.container_ns,
+                                      str(h2.container_ip), 8 << 20)
+        assert sent == received and sent.startswith(str(8 << 20))
+        doc = cluster.wait_status(
+            a1, lambda d: d["peers"][0]["tx_bytes"] > 8 << 20, what="tx counters")
+        eng = doc["engine"]
+        assert eng["workers"] == 2 and eng["worker_restarts"] == 0
+        assert [w["alive"] for w in eng["per_worker"]] == [True, True]
+        assert sum(w["tx_bytes"] for w in eng["per_worker"]) == doc["peers"][0]["tx_bytes"]
+        text = cluster.metrics(a1)
+        assert "flannelette_engine_workers 2.0" in text
+        assert "flannelette_engine_worker_restarts 0.0" in text
+        # a trace through the pool: records from the workers, merged in the parent
+        pinger = lab.popen(h1.container_ns, "ping", "-n", "-c", "20", "-i", "0.2",
+                           str(h2.container_ip), stdout=subprocess.DEVNULL)
+        try:
+            code, body = cluster.fetch(a1, "/debug/trace?count=3&duration=10&filter=icmp",
+                                       timeout=15.0)
+        finally:
+            lab.stop(pinger)
+        assert code == 200, body
+        lines = [json.loads(x) for x in body.splitlines() if x.strip()]
+        assert lines[-1]["end"] == "bound reached" and lines[-1]["records"] == 3, lines
+        assert len({r["packet_id"] for r in lines[:-1]}) == 3
