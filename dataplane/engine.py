@@ -449,7 +449,8 @@ class Engine:
                 break
             total += b.reads
             run: Route | None = None
-            first = end = seglen = npk = nby = i0 = 0
+            first = end = seglen = npk = nby = i0 = rbytes = 0
+            contig = True
             for i in range(k):
                 o = off[i]
                 plen = size[i]
@@ -465,7 +466,7 @@ class Engine:
                 g = gsos[i]
                 if g:  # a TSO super-packet: cut here, or by the kernel after encapsulation
                     if run is not None:
-                        flush(run, first, end, seglen, npk, nby, i0)
+                        flush(run, first, end, seglen, npk, nby, i0, contig, rbytes)
                         run = None
                     if tunnel is not None and plen + wire.OVERHEAD <= 65535:
                         self._tunnel_send(tunnel, route, o, plen, g)
@@ -481,19 +482,26 @@ class Engine:
                         c.tx_csum_completed += 1
                 buf[o:ip] = route.prefix
                 dlen = plen + ENCAP_HLEN
-                if (route is not run or o != end or dlen > seglen or npk == GSO_MAX_SEGS
-                        or end + dlen - first > UDP_MAX):
+                # A run: consecutive packets to one peer, all of one size (the last may
+                # be shorter), at most 64 and 65507 bytes: one UDP GSO call. Full-size
+                # packets lie back to back; others go as an iovec.
+                if (route is not run or i != i0 + npk or dlen > seglen or npk == GSO_MAX_SEGS
+                        or rbytes + dlen > UDP_MAX):
                     if run is not None:
-                        flush(run, first, end, seglen, npk, nby, i0)
-                    run, first, seglen, npk, nby, i0 = route, o, dlen, 0, 0, i
+                        flush(run, first, end, seglen, npk, nby, i0, contig, rbytes)
+                    run, first, seglen, npk, nby, i0, rbytes = route, o, dlen, 0, 0, i, 0
+                    contig = True
+                elif o != end:
+                    contig = False
                 end = o + dlen
                 npk += 1
                 nby += plen
+                rbytes += dlen
                 if dlen < seglen:  # shorter: the last datagram its run may have
-                    flush(run, first, end, seglen, npk, nby, i0)
+                    flush(run, first, end, seglen, npk, nby, i0, contig, rbytes)
                     run = None
             if run is not None:
-                flush(run, first, end, seglen, npk, nby, i0)
+                flush(run, first, end, seglen, npk, nby, i0, contig, rbytes)
             if b.error is not None or (k < b.nslots and not b.rejects and not self.config.offload):
                 break  # drained (or failing): wait for the next wake-up
         if total or not self._spinning:
@@ -504,10 +512,17 @@ class Engine:
         return total
 
     def _flush(self, route: Route, first: int, end: int, seglen: int, npk: int, nby: int,
-               i0: int) -> None:
+               i0: int, contig: bool, rbytes: int) -> None:
         """Send one run (``npk`` datagrams, ``nby`` inner bytes); count what left."""
         assert self._udp is not None
-        sent, nbytes = self._udp.send_run(self._txb.view[first:end], seglen, route.addr)
+        b = self._txb
+        if contig:
+            sent, nbytes = self._udp.send_run(b.view[first:end], seglen, route.addr)
+        else:
+            view, off, size = b.view, b.off, b.size
+            sent, nbytes = self._udp.send_parts(
+                [view[off[k]:off[k] + ENCAP_HLEN + size[k]] for k in range(i0, i0 + npk)],
+                seglen, rbytes, route.addr)
         st = route.stats
         if sent == npk:
             st.tx_packets += npk
@@ -663,15 +678,18 @@ class Engine:
                 if verdict is Frame.IPV4:
                     assert route is not None  # check_frame refuses unknown sources
                     if spoof and from_bytes(seg[34:38], "big") & mask != route.net:
-                        self._drop(DropReason.SPOOFED_INNER_SOURCE, RX, route, seg, src)
+                        self._drop(DropReason.SPOOFED_INNER_SOURCE, RX, route, seg[:seg_n],
+                                   src)
                         continue
                     ip_len = (seg[24] << 8) | seg[25]
                     if coalescer is None:
+                        # the vnet header goes over the Ethernet bytes: a tap copies first
+                        pre = bytes(seg[:OFF_IP + ip_len]) if tap is not None else b""
                         kind = fill(seg, HEAD, OFF_IP, ip_len, mtu)
                         if write(seg[HEAD:OFF_IP + ip_len]):
                             self._count_rx(route, 1, ip_len, kind)
                             if tap is not None:
-                                self._tap_rx(tap, route, seg[:OFF_IP + ip_len], src, kind, 1)
+                                self._tap_rx(tap, route, memoryview(pre), src, kind, 1)
                         else:
                             self._drop(DropReason.TUN_WRITE_FAILED, RX, route, seg, src)
                         continue
@@ -684,13 +702,13 @@ class Engine:
                         if held:
                             self._write_held(route, held, held_by, src)
                             held = held_by = 0
-                        if not coalescer.can_start(seg, OFF_IP, ip_len, mtu):
+                        if not coalescer.can_hold(seg, OFF_IP, ip_len, mtu):
+                            pre = bytes(seg[:OFF_IP + ip_len]) if tap is not None else b""
                             kind = fill(seg, HEAD, OFF_IP, ip_len, mtu)
                             if write(seg[HEAD:OFF_IP + ip_len]):
                                 self._count_rx(route, 1, ip_len, kind)
                                 if tap is not None:
-                                    self._tap_rx(tap, route, seg[:OFF_IP + ip_len], src, kind,
-                                                 1)
+                                    self._tap_rx(tap, route, memoryview(pre), src, kind, 1)
                             else:
                                 self._drop(DropReason.TUN_WRITE_FAILED, RX, route, seg, src)
                             continue
@@ -736,10 +754,12 @@ class Engine:
         assert self._gro is not None and self._tun is not None and route is not None
         packet = self._gro.finish(self.config.mtu)
         if not self._tun.write(packet):
+            if packet[1] == vnet.GSO_UDP_L4:  # this kernel's TUN takes no UDP GSO: stop it
+                self._gro.udp = False
             self._drop(DropReason.TUN_WRITE_FAILED, RX, route, packet[vnet.VNET_HDR_LEN:], src,
                        count=npk)
             return
-        if packet[1] != vnet.GSO_NONE:
+        if packet[1] != vnet.GSO_NONE:  # TCPV4 or UDP_L4: the kernel cuts it
             kind = vnet.RX_GSO
             self._c.rx_gro_merged += npk
         elif packet[0] & vnet.F_NEEDS_CSUM:

@@ -1,4 +1,4 @@
-"""Userspace GRO: consecutive TCP segments of one flow -> one GSO_TCPV4 TUN write.
+"""Userspace GRO: consecutive segments of one flow -> one GSO TUN write (TCP or UDP).
 
 Pure: the coalescer only fills its own buffer; the engine writes what
 :meth:`Coalescer.finish` returns.
@@ -6,10 +6,18 @@ Pure: the coalescer only fills its own buffer; the engine writes what
 
 from __future__ import annotations
 
-from dataplane.csum import TCP_CSUM_OFFSET, pseudo_header_sum
-from dataplane.vnet import F_NEEDS_CSUM, GSO_TCPV4, VNET_HDR, VNET_HDR_LEN, fill_rx_vnet_hdr
+from dataplane.csum import TCP_CSUM_OFFSET, UDP_CSUM_OFFSET, internet_checksum, pseudo_header_sum
+from dataplane.vnet import (
+    F_NEEDS_CSUM,
+    GSO_TCPV4,
+    GSO_UDP_L4,
+    VNET_HDR,
+    VNET_HDR_LEN,
+    fill_rx_vnet_hdr,
+)
 
 _GRO_MAX = 65535
+_UDP_SEGS = 64  # datagrams per UDP GSO write (the kernel's limit is at least this)
 _IP20 = (1 << 160) - 1
 _MASKS: dict[int, int] = {}
 
@@ -29,7 +37,7 @@ def _header_mask(hl: int) -> int:
 
 
 class Coalescer:
-    """Merges consecutive TCP segments of one flow into one GSO_TCPV4 TUN write.
+    """Merges consecutive TCP segments (or UDP datagrams) of one flow into one GSO TUN write.
 
     The segments arrive in one UDP GRO batch; merging them lets one TUN write
     carry ~64 KB instead of one MSS. A segment may join when it continues the
@@ -37,6 +45,14 @@ class Coalescer:
     options, next sequence number, only ACK/PSH set, no larger than the first
     segment, the previous one full-size). PSH closes the packet. The merged
     packet goes out with the pseudo-header sum and NEEDS_CSUM, as kernel GRO does.
+
+    UDP (:meth:`can_hold`): consecutive unfragmented datagrams of one flow (same
+    addresses, ports, TOS, TTL, DF) with equal payloads, the last possibly shorter,
+    up to 64 of them, become one ``GSO_UDP_L4`` write; the kernel cuts it back into
+    the same datagrams (IPv4 ids renumbered from the first). Like TCP, the merged
+    packet's checksums are computed by the kernel, so the datagrams' own are not
+    verified (the TUN would otherwise verify each). ``udp = False`` turns UDP off
+    (a kernel whose TUN refuses UDP GSO writes).
     Pure: it only fills its own buffer; the engine writes :meth:`finish`'s view.
     """
 
@@ -50,6 +66,16 @@ class Coalescer:
         self.ihl = 0
         self.next_seq = 0
         self.closed = False
+        self.proto = 6  # of the held packet
+        self.udp = True  # merge UDP datagrams too
+
+    def can_hold(self, buf: bytearray | memoryview, off: int, ip_len: int, mtu: int) -> bool:
+        """True for a TCP segment (:meth:`can_start`) or a UDP datagram worth holding."""
+        proto = buf[off + 9]
+        if proto == 6:
+            return self.can_start(buf, off, ip_len, mtu)
+        return (proto == 17 and self.udp and not (buf[off + 6] & 0x3F) | buf[off + 7]
+                and ip_len <= mtu and ip_len > ((buf[off] & 0x0F) << 2) + 8)
 
     @staticmethod
     def can_start(buf: bytearray | memoryview, off: int, ip_len: int, mtu: int) -> bool:
@@ -65,10 +91,16 @@ class Coalescer:
                 and buf[t + 13] & 0x08 == 0)
 
     def start(self, buf: bytearray | memoryview, off: int, ip_len: int) -> None:
-        """Hold this segment (can_start was True)."""
+        """Hold this segment (can_start or can_hold was True)."""
         b = self.buf
         b[VNET_HDR_LEN:VNET_HDR_LEN + ip_len] = buf[off:off + ip_len]
         ihl = (buf[off] & 0x0F) << 2
+        self.proto = buf[off + 9]
+        if self.proto == 17:
+            self.ip_len, self.count, self.ihl, self.hl = ip_len, 1, ihl, ihl + 8
+            self.mss = ip_len - ihl - 8
+            self.closed = False
+            return
         hl = ihl + ((buf[off + ihl + 12] >> 4) << 2)
         self.ip_len, self.count, self.ihl, self.hl = ip_len, 1, ihl, hl
         self.mss = ip_len - hl
@@ -80,6 +112,8 @@ class Coalescer:
         """Add this segment to the held packet if it continues it; False if not."""
         if self.closed:
             return False
+        if self.proto == 17:
+            return self._append_udp(buf, off, ip_len)
         b, h, ihl, hl = self.buf, VNET_HDR_LEN, self.ihl, self.hl
         if buf[off + 9] != 6 or (buf[off] & 0x0F) << 2 != ihl or (buf[off + 6] & 0x3F) | buf[
                 off + 7]:
@@ -114,6 +148,27 @@ class Coalescer:
             self.closed = True
         return True
 
+    def _append_udp(self, buf: bytearray | memoryview, off: int, ip_len: int) -> bool:
+        b, h, ihl = self.buf, VNET_HDR_LEN, self.ihl
+        if (buf[off + 9] != 17 or (buf[off] & 0x0F) << 2 != ihl or (buf[off + 6] & 0x3F)
+                | buf[off + 7] or self.count >= _UDP_SEGS):
+            return False
+        pay = ip_len - ihl - 8
+        if pay <= 0 or pay > self.mss or self.ip_len + pay > _GRO_MAX:
+            return False
+        t, ht = off + ihl, h + ihl
+        if (buf[off + 12:off + 20] != b[h + 12:h + 20] or buf[t:t + 4] != b[ht:ht + 4]
+                or buf[off + 1] != b[h + 1] or buf[off + 8] != b[h + 8]
+                or (buf[off + 6] ^ b[h + 6]) & 0x40):
+            return False
+        end = h + self.ip_len
+        b[end:end + pay] = buf[t + 8:off + ip_len]
+        self.ip_len += pay
+        self.count += 1
+        if pay < self.mss:
+            self.closed = True
+        return True
+
     def extend(self, buf: memoryview, off: int, n: int, step: int, prefix: bytes
                ) -> tuple[int, int, int]:
         """Absorb the datagrams of one UDP GRO batch that continue the held packet.
@@ -131,7 +186,8 @@ class Coalescer:
         taken, their inner IP bytes).
         """
         ip_len = self.ip_len
-        if self.closed or not ip_len or self.ihl != 20 or step != 22 + self.hl + self.mss:
+        if (self.closed or not ip_len or self.ihl != 20 or self.proto != 6
+                or step != 22 + self.hl + self.mss):
             return off, 0, 0
         b, hl, h = self.buf, self.hl, VNET_HDR_LEN
         hlen = 22 + hl
@@ -165,6 +221,17 @@ class Coalescer:
         b, h, ip_len = self.buf, VNET_HDR_LEN, self.ip_len
         if self.count == 1:
             fill_rx_vnet_hdr(b, 0, h, ip_len, mtu)
+        elif self.proto == 17:
+            ihl = self.ihl
+            ulen = ip_len - ihl
+            b[h + 2:h + 4] = ip_len.to_bytes(2, "big")
+            b[h + 10:h + 12] = b"\0\0"
+            b[h + 10:h + 12] = internet_checksum(b[h:h + ihl]).to_bytes(2, "big")
+            u = h + ihl
+            b[u + 4:u + 6] = ulen.to_bytes(2, "big")
+            b[u + 6:u + 8] = pseudo_header_sum(b, h, 17, ulen).to_bytes(2, "big")
+            VNET_HDR.pack_into(b, 0, F_NEEDS_CSUM, GSO_UDP_L4, ihl + 8, self.mss, ihl,
+                               UDP_CSUM_OFFSET)
         else:
             ihl = self.ihl
             b[h + 2] = ip_len >> 8

@@ -139,6 +139,36 @@ class UdpEndpoint:
             return False
         return True
 
+    def send_parts(self, parts: list[memoryview], seglen: int, total: int, addr: Address
+                   ) -> tuple[int, int]:
+        """Send ``parts`` (datagrams of ``seglen`` bytes, the last may be shorter; at
+        most 64 and 65507 bytes in all) as one UDP GSO call over an iovec. Returns
+        (datagrams sent, their bytes); per datagram when the kernel refuses GSO."""
+        if len(parts) == 1:
+            try:
+                self._sendto(parts[0], addr)
+            except OSError:
+                return 0, 0
+            return 1, total
+        if self.gso:
+            try:
+                self._sendmsg(parts, [(SOL_UDP, UDP_SEGMENT, _SEG.pack(seglen))], 0, addr)
+                self.gso_sends += 1
+                return len(parts), total
+            except OSError as e:
+                if e.errno not in _NO_GSO:
+                    return 0, 0
+                self.gso = False
+        sent = nbytes = 0
+        for part in parts:
+            try:
+                self._sendto(part, addr)
+                sent += 1
+                nbytes += len(part)
+            except OSError:
+                pass
+        return sent, nbytes
+
     def send_run(self, view: memoryview, seglen: int, addr: Address) -> tuple[int, int]:
         """Send ``view`` as datagrams of ``seglen`` bytes (the last may be shorter).
 

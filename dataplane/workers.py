@@ -704,7 +704,6 @@ class EnginePool:
         reader, c.writer = await asyncio.open_connection(sock=a)
         self._send(c, self.state.init_message(index, self.config, self._interval))
         why: str | None = None
-        counted = True
         try:
             while True:
                 msg = await read_message(reader)

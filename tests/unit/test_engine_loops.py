@@ -437,3 +437,63 @@ def test_tunnel_gso_write_failure_is_a_drop() -> None:
     e.tun_readable()
     snap = e.snapshot()
     assert snap.drops["tun_write_failed"] == 8 and snap.peers["10.244.2.0/24"].tx_packets == 0
+
+
+def udp_dgram(src: str = "10.244.2.2", dst: str = "10.244.1.2", payload: bytes = b"u" * 1400,
+              sport: int = 4000) -> bytes:
+    return bytes(IP(src=src, dst=dst) / UDP(sport=sport, dport=5201) / payload)
+
+
+def test_rx_a_gro_batch_of_udp_datagrams_of_one_flow_becomes_one_udp_gso_write() -> None:
+    e, tun, udp = engine()
+    payloads = [bytes([65 + i]) * 1400 for i in range(5)] + [b"z" * 300]
+    udp.queue_gro([vxlan(udp_dgram(payload=p)) for p in payloads], "10.10.1.2")
+    e.udp_readable()
+    (written,) = tun.written
+    hdr = vnet.VnetHdr.parse(written)
+    assert (hdr.gso_type, hdr.gso_size, hdr.csum_start, hdr.csum_offset) == (
+        vnet.GSO_UDP_L4, 1400, 20, 6)
+    merged = IP(written[vnet.VNET_HDR_LEN:])
+    assert bytes(merged[UDP].payload) == b"".join(payloads)
+    assert merged[UDP].len == 8 + len(b"".join(payloads))
+    assert merged[UDP].chksum == pseudo_header_sum(written[vnet.VNET_HDR_LEN:], 0, 17,
+                                                   merged[UDP].len)
+    again = IP(bytes(merged))
+    del again.chksum
+    assert IP(bytes(again)).chksum == merged.chksum
+    snap = e.snapshot()
+    assert snap.peers["10.244.2.0/24"].rx_packets == 6 and snap.rx_gro_merged == 6
+
+
+def test_rx_udp_datagrams_of_two_flows_are_not_merged() -> None:
+    e, tun, udp = engine()
+    udp.queue_gro([vxlan(udp_dgram(sport=4000)), vxlan(udp_dgram(sport=4001))], "10.10.1.2")
+    e.udp_readable()
+    assert len(tun.written) == 2 and all(
+        vnet.VnetHdr.parse(w).gso_type == vnet.GSO_NONE for w in tun.written)
+
+
+def test_rx_udp_gso_refused_by_the_tun_turns_udp_merging_off() -> None:
+    e, tun, udp = engine()
+    tun.fail_writes = True
+    udp.queue_gro([vxlan(udp_dgram()) for _ in range(3)], "10.10.1.2")
+    e.udp_readable()
+    assert e.snapshot().drops["tun_write_failed"] == 3
+    tun.fail_writes = False
+    udp.queue_gro([vxlan(udp_dgram()) for _ in range(3)], "10.10.1.2")
+    e.udp_readable()
+    assert len(tun.written) == 3  # one write per datagram from now on
+
+
+def test_tx_equal_size_packets_below_the_mtu_leave_in_one_gso_call_as_an_iovec() -> None:
+    e, tun, udp = engine()
+    pkts = [udp_dgram(src="10.244.1.2", dst="10.244.2.2", payload=bytes([i]) * 1400)
+            for i in range(4)]
+    for p in pkts:
+        tun.queue_packet(p)
+    tun.queue_packet(icmp())  # shorter: may close the run (GSO's last datagram)
+    tun.queue_packet(icmp())  # after a shorter one: a new run
+    e.tun_readable()
+    assert [s.gso_call for s in udp.sent] == [1, 1, 1, 1, 1, 0]
+    assert [s.data[22:] for s in udp.sent] == [*pkts, icmp(), icmp()]
+    assert e.snapshot().peers["10.244.2.0/24"].tx_packets == 6
