@@ -39,7 +39,7 @@ from dataplane.bpf import FilterError, compile_filter
 from dataplane.engine import Engine
 from dataplane.errors import DataplaneError
 from dataplane.tap import SIDES, VERDICTS, TapFilter, TapRecord, TapSubscriber
-from dataplane.wire import DropReason, mac_from_str, mac_to_str
+from dataplane.wire import VXLAN_PORT, DropReason, mac_from_str, mac_to_str
 from dataplane.workers import AnyEngine, EnginePool
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ def supervisor_node(dp: Supervisor, watcher: PeerWatcher | None) -> NodeView:
         lease_expiry={s: le.expiration for s, le in leases.items()},
         tun=engine.tun_name if engine is not None else None,
         vni=engine.config.vni if engine is not None else (b.vni or 1),
-        port=engine.config.port if engine is not None else 8472, mtu=dp.mtu,
+        port=engine.config.port if engine is not None else VXLAN_PORT, mtu=dp.mtu,
         check_inner_source=engine.config.check_inner_source if engine is not None else True)
 
 

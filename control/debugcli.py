@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import IO, Any
 
 from control.debugpcap import CaptureFile, drop_from_json, inner_of
-from dataplane.wire import DropReason
+from dataplane.wire import VXLAN_PORT, DropReason
 
 REASONS = tuple(r.value for r in DropReason)
 
@@ -387,11 +387,11 @@ def _drops(args: argparse.Namespace) -> int:
         return 0
     if args.write:
         with _output(args.write) as out:
-            cf = CaptureFile(out, "both", port=int(doc.get("port") or 8472),
+            cf = CaptureFile(out, "both", port=int(doc.get("port") or VXLAN_PORT),
                              comment="flannelette drops: the flight recorder")
             for d in records:
                 cf.write_drop(drop_from_json(d), str(doc.get("public_ip") or "0.0.0.0"),
-                              int(doc.get("port") or 8472))
+                              int(doc.get("port") or VXLAN_PORT))
         print(f"flannelette drops: {len(records)} records written to "
               f"{'stdout' if args.write == '-' else args.write}", file=sys.stderr)
         return 0

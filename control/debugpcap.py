@@ -28,6 +28,7 @@ from dataplane.pcapng import (
 )
 from dataplane.recorder import DropRecord
 from dataplane.tap import TapRecord
+from dataplane.wire import VXLAN_PORT
 
 OUTER_HLEN = 14 + 20 + 8  # Ethernet + IPv4 + UDP in front of the VXLAN datagram
 VXLAN_ETH = 22  # VXLAN header + inner Ethernet in front of the inner IPv4 packet
@@ -114,7 +115,7 @@ class CaptureFile:
     """A pcapng stream of tap (and flight-recorder) records for one side or both."""
 
     def __init__(self, stream: IO[bytes], side: str = "both", *, flush: bool = False,
-                 port: int = 8472, comment: str | None = None) -> None:
+                 port: int = VXLAN_PORT, comment: str | None = None) -> None:
         comments = [VXLAN_DECODE_HINT] + ([comment] if comment else [])
         self.stream = stream
         self.writer = PcapngWriter(stream, flush=flush, comments=comments)

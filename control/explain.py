@@ -22,7 +22,7 @@ from typing import Any
 
 from control.reconcile import RouteLookup
 from dataplane.fib import Path, Peer
-from dataplane.wire import DropReason, mac_to_str
+from dataplane.wire import VXLAN_PORT, DropReason, mac_to_str
 
 VERDICTS = ("direct", "vxlan", "dropped", "local", "no-route")
 PROTOS = ("icmp", "tcp", "udp")
@@ -49,7 +49,7 @@ class NodeView:
     lease_expiry: Mapping[ipaddress.IPv4Network, float | None] = field(default_factory=dict)
     tun: str | None = None
     vni: int = 1
-    port: int = 8472
+    port: int = VXLAN_PORT
     mtu: int = 1450
     check_inner_source: bool = True
 

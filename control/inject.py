@@ -1,6 +1,6 @@
 """`flannelette inject`: build a VXLAN datagram with scapy from the node's state and send it.
 
-For testing paths and middleboxes (does UDP 8472 arrive? does the peer accept
+For testing paths and middleboxes (does UDP VXLAN_PORT arrive? does the peer accept
 our VtepMAC?) and the receiver's drop reasons: defaults come from the node's
 ``/debug/node`` (own subnet, PublicIP, VtepMAC, VNI, port; peers with their
 PublicIP and VtepMAC), every field can be overridden, and ``--malformed KIND``
@@ -31,6 +31,7 @@ from control.debugcli import (
     inner_summary,
     vxlan_summary,
 )
+from dataplane.wire import VXLAN_PORT
 
 # kind -> (what it does, the drop reason a flannelette receiver counts)
 MALFORMED: dict[str, tuple[str, str]] = {
@@ -180,7 +181,7 @@ def build(node: Mapping[str, Any], args: argparse.Namespace) -> Datagram:
     frame = header + bytes(Ether(src=src_mac, dst=dst_mac, type=ethertype)) + raw_inner
     if kind == "truncated":
         frame = frame[:12]
-    port = args.port or int(node.get("port") or 8472)
+    port = args.port or int(node.get("port") or VXLAN_PORT)
     sport = args.sport if args.sport is not None else (
         port if outer_src != own_ip else 0)
     expect = MALFORMED[kind][1] if kind else "forwarded"
