@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from control import netlink
-from control.debugpcap import CaptureFile, drop_json, fix_drop, restore_rx, tap_json
+from control.debugpcap import CaptureFile, drop_json, tap_json
 from control.explain import NodeView, Probe, explain, lookups_needed, peer_json
 from control.health import StreamHandler, response_head
 from control.reconcile import RouteLookup
@@ -249,7 +249,7 @@ class DebugApi:
             "port": first.config.port if first else None,
             "per_reason": first.recorder.per_reason if first else None,
             "snaplen": first.recorder.snaplen if first else None,
-            "held": held, "records": [drop_json(fix_drop(r)) for r in records]})
+            "held": held, "records": [drop_json(r) for r in records]})
 
     async def explain(self, q: Mapping[str, str], reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
@@ -320,7 +320,6 @@ class DebugApi:
                               "host-gw, or not started yet): nothing to tap")
             return
         attached: list[AnyEngine] = []
-        own_mac = engines[0].config.vtep_mac
         gone = asyncio.ensure_future(_client_gone(reader))
         try:
             for e in engines:
@@ -335,7 +334,7 @@ class DebugApi:
                     if not any(e is a for a in attached):
                         e.add_tap(sub)
                         attached.append(e)
-                records = [restore_rx(r, own_mac) for r in sub.drain()]
+                records = sub.drain()
                 if records:
                     writer.write(render(records))
                     await writer.drain()

@@ -12,7 +12,6 @@ outer record of one packet share ``epb_packetid``.
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import struct
 from collections.abc import Mapping
@@ -62,49 +61,6 @@ def inner_of(datagram: bytes) -> bytes | None:
             datagram[VXLAN_ETH] >> 4) == 4:
         return datagram[VXLAN_ETH:]
     return None
-
-
-RESTORED = "inner Ethernet restored: dst = our VtepMAC, src = the lease's VtepMAC"
-
-
-def restore_rx(rec: TapRecord, own_mac: bytes) -> TapRecord:
-    """A received record whose inner Ethernet bytes 12..22 the engine had already
-    overwritten with the TUN's vnet header, with them put back.
-
-    A forwarded frame passed the engine's checks, so its destination MAC was ours and
-    its EtherType IPv4; the source MAC is not kept, the peer's lease names it.
-    """
-    outer = rec.outer
-    if rec.reason == "spoofed_inner_source" and outer is not None:
-        return dataclasses.replace(rec, outer=outer[:datagram_length(outer, len(outer))])
-    if (rec.direction != "rx" or rec.verdict != "forwarded" or outer is None
-            or len(outer) < VXLAN_ETH or outer[20:22] == b"\x08\x00"):
-        return rec
-    try:
-        src = bytes.fromhex(rec.peer_mac.replace(":", ""))
-    except ValueError:
-        src = b""
-    if len(src) != 6:
-        src = bytes(6)
-    fixed = outer[:8] + own_mac + src + b"\x08\x00" + outer[VXLAN_ETH:]
-    rule = f"{rec.rule}; {RESTORED}" if rec.rule else RESTORED
-    return dataclasses.replace(rec, outer=fixed, rule=rule)
-
-
-def datagram_length(datagram: bytes, length: int) -> int:
-    """The real size of a datagram the engine handed over with the rest of its receive
-    buffer (spoofed_inner_source records): VXLAN + Ethernet + the inner IPv4 length."""
-    if len(datagram) >= VXLAN_ETH + 4 and inner_of(datagram) is not None:
-        return min(length, VXLAN_ETH + int.from_bytes(datagram[24:26], "big"))
-    return length
-
-
-def fix_drop(rec: DropRecord) -> DropRecord:
-    """A flight-recorder record with its true length (see :func:`datagram_length`)."""
-    if rec.reason != "spoofed_inner_source" or rec.direction != "rx":
-        return rec
-    n = datagram_length(rec.data, rec.length)
-    return dataclasses.replace(rec, length=n, data=rec.data[:n])
 
 
 def _direction(direction: str) -> int:
