@@ -3,7 +3,8 @@
 The agent leaves its routes in place on SIGTERM (a restart must not cut
 traffic); this command is how an operator takes a node out for good. It finds
 our routes by their rtnetlink protocol tag (157), our masquerade rules by their
-nft table / iptables chain names, and deletes the TUN device if one is named.
+nft table / iptables chain names, and deletes the TUN device if one is named
+(for ``flannel.<VNI>`` also the tunnel-GSO TAP ``fltx.<VNI>`` and its FORWARD rule).
 Running it twice is harmless.
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 
 from control import masq, netlink
 from control.routes import remove_all_routes
+from dataplane.txtap import remove_forward_rule
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +48,11 @@ def main(argv: Sequence[str]) -> int:
         try:
             if netlink.delete_link(name):
                 print(f"removed device {name}")
+            tap = "fltx." + name.rsplit(".", 1)[-1] if name.startswith("flannel.") else ""
+            if tap and netlink.delete_link(tap):
+                print(f"removed device {tap}")
+            if tap and remove_forward_rule(tap):
+                print(f"removed the iptables FORWARD rule for {tap}")
         except Exception as e:  # report each failure by name, never a traceback
             failures.append(f"device {name}: {e}")
     for f in failures:

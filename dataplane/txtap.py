@@ -156,6 +156,27 @@ def _configure_link(name: str) -> None:
         raise DeviceError(f"configuring TAP {name}: {e}") from None
 
 
+def forward_rule(name: str) -> list[str]:
+    """The iptables FORWARD rule that lets the TAP's frames through (`flannelette cleanup`
+    removes it too)."""
+    return ["FORWARD", "-i", name, "-j", "ACCEPT", "-m", "comment", "--comment",
+            "flannelette tunnel GSO"]
+
+
+def remove_forward_rule(name: str) -> bool:
+    """Delete every copy of :func:`forward_rule`; True if one was there."""
+    if shutil.which("iptables") is None:
+        return False
+    found = False
+    for _ in range(64):  # bounded: one copy per worker at most
+        res = subprocess.run(["iptables", "-D", *forward_rule(name)], capture_output=True,
+                             timeout=10)
+        if res.returncode != 0:
+            break
+        found = True
+    return found
+
+
 def _allow_forward(name: str) -> list[str] | None:
     """With iptables' FORWARD policy not ACCEPT, let the TAP's frames through; the rule."""
     if shutil.which("iptables") is None:
@@ -167,8 +188,10 @@ def _allow_forward(name: str) -> list[str] | None:
         return None
     if out.returncode != 0 or "-P FORWARD ACCEPT" in out.stdout:
         return None
-    rule = ["FORWARD", "-i", name, "-j", "ACCEPT", "-m", "comment", "--comment",
-            "flannelette tunnel GSO"]
+    rule = forward_rule(name)
+    if subprocess.run(["iptables", "-C", *rule], capture_output=True,
+                      timeout=10).returncode == 0:
+        return None  # another queue of this TAP (a worker) installed it and owns it
     res = subprocess.run(["iptables", "-I", *rule], capture_output=True, text=True, timeout=10)
     if res.returncode != 0:
         raise DeviceError(f"TAP {name}: FORWARD policy drops and the ACCEPT rule failed: "
