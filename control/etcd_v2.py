@@ -122,6 +122,12 @@ class EtcdV2Registry:
                 host=host, port=port, protocol=scheme, read_timeout=read_timeout,
                 cert=cert, ca_cert=o.cafile or None, username=o.username or None,
                 password=o.password or None, allow_reconnect=False)
+            # One attempt per call, as long as its timeout. urllib3 otherwise retries a
+            # timed-out GET three more times (a hung etcd noticed after 4x the timeout),
+            # and wraps the read timeout of a long poll still waiting for its headers (a
+            # slow etcd) in MaxRetryError, which python-etcd then reports as a failed
+            # connection instead of a watch that timed out quietly.
+            client.http.connection_pool_kw["retries"] = False
             self._clients[key] = client
         return client
 

@@ -35,6 +35,35 @@ from control.lease import RawLease, parse_key, subnet_key, subnets_dir
 from control.registry import ConfigEvent, EtcdOptions, LeaseSnapshot, WatchBatch, WatchEvent
 
 _END = object()  # the watch stream ended
+# Each client's channel gets its own subchannels. gRPC otherwise shares them across
+# channels to the same address, with their reconnect backoff: after etcd answered
+# garbage or nothing for a while, a new client waited out the old one's backoff
+# (seconds, growing with the outage) before it even tried the etcd that was back.
+_CHANNEL_OPTIONS = (("grpc.use_local_subchannel_pool", 1),)
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Done-callback of an abandoned task: fetch its outcome so nothing is logged."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _bounded(aw: Any, timeout: float) -> Any:
+    """``aw`` with a deadline that holds even if it ignores cancellation: a gRPC call
+    on a stalled connection can, and ``asyncio.wait_for`` waits for the cancellation
+    to finish. On timeout (TimeoutError) it is cancelled and left to end on its own."""
+    task = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        task.add_done_callback(_consume)
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_consume)
+        raise TimeoutError(f"no answer in {timeout:g} s")
+    return task.result()
 
 
 class _Stream:
@@ -61,10 +90,10 @@ class _Stream:
             return
         self.closed = True
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.watch.cancel(), 2.0)
+            await _bounded(self.watch.cancel(), 2.0)
         self.task.cancel()
-        with contextlib.suppress(BaseException):
-            await self.task
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await _bounded(asyncio.shield(self.task), 2.0)
         self.queue.put_nowait(_END)  # wakes a caller still waiting on this stream
 
 
@@ -147,7 +176,7 @@ class EtcdV3Registry:
             cls = _TlsClient if self._credentials is not None else aetcd.Client
             client = cls(host=host, port=port, username=o.username or None,
                          password=o.password or None, timeout=o.timeout,
-                         connect_wait_timeout=o.timeout)
+                         connect_wait_timeout=o.timeout, options=dict(_CHANNEL_OPTIONS))
             if isinstance(client, _TlsClient):
                 client.credentials = self._credentials
             self._endpoint_of[client] = f"{host}:{port}"
@@ -165,7 +194,7 @@ class EtcdV3Registry:
                 await stream.close()
         if client is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.close(), 2.0)
+                await _bounded(client.close(), 2.0)
 
     async def _drop(self) -> None:
         """Forget the client and the streams (after an error); the next call reconnects,
@@ -185,7 +214,7 @@ class EtcdV3Registry:
         if where is None:
             _, host, port = self._hosts[self._current]
             where = f"{host}:{port}"
-        return RegistryUnavailable(f"etcd v3 at {where}: {exc or type(exc).__name__}")
+        return RegistryUnavailable(f"etcd v3 at {where}: {str(exc) or type(exc).__name__}")
 
     def _key(self, subnet: ipaddress.IPv4Network) -> bytes:
         return subnet_key(self._options.prefix, subnet).encode()
@@ -194,7 +223,7 @@ class EtcdV3Registry:
         """Await an aetcd call made on ``client`` with a deadline; any failure ->
         RegistryUnavailable (and the client dropped, if still current)."""
         try:
-            return await asyncio.wait_for(coro, self._options.timeout + 1.0)
+            return await _bounded(coro, self._options.timeout + 1.0)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -260,8 +289,7 @@ class EtcdV3Registry:
         client = await self._connect()
         call = client.watch_prefix if prefix else client.watch
         try:
-            watch = await asyncio.wait_for(call(key, start_revision=start),
-                                           self._options.timeout + 1.0)
+            watch = await _bounded(call(key, start_revision=start), self._options.timeout + 1.0)
         except aetcd.exceptions.RevisionCompactedError as exc:
             raise ResyncRequired(f"etcd v3 revision {start} compacted: {exc}") from None
         except asyncio.CancelledError:
