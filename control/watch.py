@@ -158,6 +158,11 @@ class PeerWatcher:
                 if need_list:
                     await self.relist()
                     need_list = False
+                elif not self.connected:
+                    # After a failure a cheap read first: etcd being back is noticed (and
+                    # said) at once, not after a quiet watch of up to watch_timeout s; the
+                    # next round watches from the cursor, so no event is skipped.
+                    await self._registry.get_config()
                 else:
                     batch = await self._registry.watch_leases(self.cursor, self._watch_timeout)
                     if batch.events or batch.cursor != self.cursor:
