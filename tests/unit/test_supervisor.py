@@ -26,10 +26,10 @@ def lease(subnet: ipaddress.IPv4Network, ip: str = "10.10.1.1") -> Lease:
     return Lease(subnet, LeaseAttrs(A(ip), BackendType.VXLAN, 1, MAC))
 
 
-def make(rec: Recorder, tmp_path: Path, **kw: bool) -> Supervisor:
+def make(rec: Recorder, tmp_path: Path, *, ip_masq: bool = False) -> Supervisor:
     return Supervisor(VXLAN, 1450, A("10.10.1.1"), subnet_file=str(tmp_path / "subnet.env"),
-                      engine_starter=rec.start_engine, routes_factory=rec.new_routes,
-                      masq_installer=rec.install_masq, **kw)
+                      ip_masq=ip_masq, engine_starter=rec.start_engine,
+                      routes_factory=rec.new_routes, masq_installer=rec.install_masq)
 
 
 async def settle(n: int = 12) -> None:
