@@ -63,6 +63,11 @@ async def _bounded(aw: Any, timeout: float) -> Any:
         task.cancel()
         task.add_done_callback(_consume)
         raise TimeoutError(f"no answer in {timeout:g} s")
+    if task.cancelled():
+        # Not our cancellation (that arrives in the wait above): gRPC cancels the calls
+        # of a channel that another task closed. A CancelledError from here would end
+        # the caller's task as if it had been stopped.
+        raise ConnectionAbortedError("call cancelled: its etcd client was closed")
     return task.result()
 
 
@@ -83,7 +88,8 @@ class _Stream:
                 self.queue.put_nowait(event)
         except Exception as exc:
             self.queue.put_nowait(exc)
-        self.queue.put_nowait(_END)
+        finally:  # also when gRPC cancels the stream of a closed client
+            self.queue.put_nowait(_END)
 
     async def close(self) -> None:
         if self.closed:

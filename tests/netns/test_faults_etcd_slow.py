@@ -199,7 +199,9 @@ def test_slow_stalled_and_garbage_etcd_one_line_per_state_change(api: int) -> No
             try:
                 return wait_for(cond, timeout, what)
             except AssertionError as exc:
-                raise AssertionError(f"{exc}; h1's log:\n{a1.log()[-4000:]}") from None
+                code, _ = cluster.fetch(a1, "/healthz", timeout=2.0)
+                raise AssertionError(f"{exc}; h1 /healthz {code}; h1's log:\n"
+                                     f"{a1.log()[-4000:]}") from None
         traffic = Traffic.start(lab, h1, h2, 36)
         timeline: list[str] = []
         t0 = time.monotonic()
