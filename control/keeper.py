@@ -36,6 +36,12 @@ log = logging.getLogger("flannelette.lease")
 MAX_RACES = 20  # lost create races in a row before backing off
 
 
+def _once(backoff: Backoff, msg: str, *args: object) -> None:
+    """A warning for the first failure of a streak; its retries only at debug level
+    (one line per state change, not one per retry while etcd is away)."""
+    log.log(logging.WARNING if backoff.attempts <= 1 else logging.DEBUG, msg, *args)
+
+
 class LeaseKeeper:
     """Owns our lease. ``lease``/``expires_at`` are what /status reports."""
 
@@ -122,8 +128,8 @@ class LeaseKeeper:
                 lease = await self._try_acquire(prefer)
             except RegistryUnavailable as exc:
                 delay = self.backoff.failure(self._clock())
-                log.warning("cannot reach etcd to acquire a lease (retrying in %.1f s): %s",
-                            delay, exc)
+                _once(self.backoff, "cannot reach etcd to acquire a lease (retrying in %.1f s): "
+                      "%s", delay, exc)
                 await self._sleep(delay)
                 continue
             except AllocationError as exc:
@@ -183,7 +189,7 @@ class LeaseKeeper:
                                                            self._ttl)
             except RegistryUnavailable as exc:
                 delay = min(60.0, self.backoff.failure(self._clock()))
-                log.warning("lease renewal failed (retrying in %.1f s): %s", delay, exc)
+                _once(self.backoff, "lease renewal failed (retrying in %.1f s): %s", delay, exc)
                 await self._wait(delay)
                 continue
             self.backoff.success()

@@ -5,15 +5,24 @@ for 60 s while a 5 pps ping and a TCP stream run between the containers and the
 same ping runs between the hosts over the underlay. The agents keep their peers
 and stay ready; not one overlay ping is lost beyond what the underlay loses; each
 agent logs the outage once and the recovery once; after it, a lease written to
-etcd is programmed.
+etcd is programmed. A second, quick test: a lease renewal due during an outage
+warns once, not once per retry.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import logging
 import time
 
 import pytest
 
+from benchmarks.etcd import EtcdServer
+from control.config import parse_config
+from control.keeper import LeaseKeeper
+from control.lease import LeaseAttrs
+from control.registry import EtcdOptions, open_api
 from tests.netns.test_faults_common import (
     Traffic,
     lease_key,
@@ -80,3 +89,37 @@ def test_sixty_second_etcd_outage_loses_no_ping() -> None:
             assert cluster.status(agent)["etcd"]["reconnects"] >= 1
             assert agent.running
             no_traceback(agent)
+
+
+def test_lease_renewal_during_an_outage_warns_once(
+        etcd: EtcdServer, caplog: pytest.LogCaptureFixture) -> None:
+    """A renewal due while etcd is away: one warning, retries at debug level only, and
+    the lease (the same subnet) held again once etcd is back."""
+    config = parse_config('{"Network":"10.7.0.0/16","Backend":{"Type":"vxlan"}}')
+    attrs = LeaseAttrs(ipaddress.IPv4Address("10.10.1.1"), "vxlan", 1, bytes(6))
+
+    async def go() -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Network | None, int]:
+        reg = open_api("v3", EtcdOptions(endpoints=(etcd.endpoint,), timeout=1.0))
+        keeper = LeaseKeeper(reg, config, attrs, ttl=6, margin=5.5, clock=time.time)
+        first = (await keeper.acquire()).subnet
+        task = asyncio.ensure_future(keeper.run())  # renews about every 0.5 s
+        try:
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(etcd.kill)
+            await asyncio.sleep(4.0)  # several renewals fail meanwhile
+            await asyncio.to_thread(etcd.start)
+            renewed = keeper.renewals
+            deadline = time.monotonic() + 20
+            while keeper.renewals == renewed and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            return first, keeper.subnet, keeper.renewals - renewed
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await reg.close()
+    with caplog.at_level(logging.DEBUG, logger="flannelette.lease"):
+        first, now, renewals = asyncio.run(go())
+    failed = [r for r in caplog.records if r.getMessage().startswith("lease renewal failed")]
+    assert len(failed) >= 2, caplog.text  # it did retry
+    assert [r.levelno for r in failed].count(logging.WARNING) == 1, caplog.text
+    assert now == first and renewals >= 1, caplog.text
