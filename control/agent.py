@@ -25,18 +25,19 @@ import uvloop
 
 from control import debugapi, logs, subnetenv
 from control.config import parse_config
-from control.errors import ConfigError, ControlError, FlagError
+from control.errors import ConfigError, ControlError, FlagError, RegistryUnavailable
 from control.follower import ConfigFollower, find_config
 from control.health import HealthServer, document_routes
 from control.iface import find_interface
 from control.keeper import LeaseKeeper
-from control.lease import Lease
+from control.lease import Lease, previous_vtep_mac
 from control.options import AgentOptions, build_parser, parse_args
 from control.statusdoc import Snapshot, WatchState
 from control.supervisor import Supervisor, engine_starter
 from control.tasks import run_together, until_stopped
 from control.watch import PeerWatcher
 from dataplane.errors import DataplaneError
+from dataplane.wire import mac_to_str
 
 log = logging.getLogger("flannelette.agent")
 
@@ -61,6 +62,16 @@ async def run(opts: AgentOptions, stop: asyncio.Event) -> int:
                     ip_masq=opts.ip_masq, offload=opts.engine_offload,
                     tunnel_gso=opts.tunnel_gso, inner_source_check=opts.inner_source_check,
                     engine_starter=engine_starter(opts.workers))
+    if dp.vtep_mac is not None:  # vxlan: keep the VtepMAC our lease has (a restart)
+        try:
+            held = await registry.list_leases()
+        except RegistryUnavailable:
+            held = None
+        mac = previous_vtep_mac(held.leases if held else (), public_ip,
+                                subnetenv.previous(opts.subnet_file))
+        if mac is not None:
+            dp.vtep_mac = mac
+            log.info("reusing VtepMAC %s from our lease", mac_to_str(mac))
     watcher: PeerWatcher | None = None
 
     def acquired(lease: Lease) -> None:

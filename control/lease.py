@@ -251,3 +251,27 @@ def diff_leases(old: Mapping[ipaddress.IPv4Network, Lease],
     changed = tuple(le for s, le in new.items() if s in old and old[s].attrs != le.attrs)
     removed = tuple(s for s in old if s not in new)
     return LeaseDiff(added, changed, removed)
+
+
+def previous_vtep_mac(leases: Iterable[RawLease], public_ip: ipaddress.IPv4Address,
+                      preferred: Iterable[ipaddress.IPv4Network] = ()) -> bytes | None:
+    """Our VtepMAC from the lease we still hold (same PublicIP, vxlan), if any.
+
+    A restarted agent reuses it, as flannel does (its kernel ``flannel.1`` keeps its
+    MAC across a restart): peers then need no new value from etcd before traffic
+    flows again. A lease for a ``preferred`` subnet (subnet.env's) wins.
+    """
+    wanted = set(preferred)
+    found: bytes | None = None
+    for raw in leases:
+        try:
+            lease = decode_lease(raw)
+        except LeaseValueError:
+            continue
+        a = lease.attrs
+        if a.public_ip != public_ip or a.vtep_mac is None:
+            continue
+        if lease.subnet in wanted:
+            return a.vtep_mac
+        found = found or a.vtep_mac
+    return found

@@ -12,6 +12,8 @@ import contextlib
 from collections.abc import Coroutine
 from typing import TypeVar
 
+from control.errors import ControlError
+
 T = TypeVar("T")
 
 
@@ -43,6 +45,12 @@ async def run_together(*forever: Coroutine[object, object, None],
             await asyncio.wait({stopper, *(t for t in tasks if not t.done())},
                                return_when=asyncio.FIRST_COMPLETED)
             for t in tasks:
+                if t.done() and t.cancelled() and not stop.is_set():
+                    # nobody asked it to stop: a library cancelled it (e.g. gRPC when a
+                    # shared client closed); running on without it would hide the loss
+                    raise ControlError(f"internal task {getattr(t.get_coro(), '__qualname__', t)} "
+                                       "was cancelled "
+                                       "unexpectedly; stopping (a supervisor restarts us)")
                 failure = t.exception() if t.done() and not t.cancelled() else None
                 if failure is not None:
                     raise failure

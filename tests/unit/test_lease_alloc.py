@@ -156,3 +156,24 @@ def test_encoded_value_is_json_flannel_reads() -> None:
     doc = json.loads(encode_attrs(vx("10.10.1.1", mac=0xab)))
     assert doc == {"PublicIP": "10.10.1.1", "PublicIPv6": None, "BackendType": "vxlan",
                    "BackendData": {"VNI": 1, "VtepMAC": "02:00:00:00:00:ab"}}
+
+
+def test_previous_vtep_mac_is_the_one_our_lease_holds() -> None:
+    import ipaddress as ip
+    import json
+
+    from control.lease import RawLease, previous_vtep_mac
+    me = ip.IPv4Address("10.10.1.1")
+
+    def raw(subnet: str, public: str, mac: str) -> RawLease:
+        value = json.dumps({"PublicIP": public, "BackendType": "vxlan",
+                            "BackendData": {"VNI": 1, "VtepMAC": mac}})
+        return RawLease(ip.IPv4Network(subnet), value)
+    leases = [raw("10.7.1.0/24", "10.10.1.2", "0a:00:00:00:00:02"),
+              raw("10.7.2.0/24", "10.10.1.1", "0a:00:00:00:00:01"),
+              raw("10.7.3.0/24", "10.10.1.1", "0a:00:00:00:00:03"),
+              RawLease(ip.IPv4Network("10.7.4.0/24"), "not json")]
+    assert previous_vtep_mac(leases, me) == bytes.fromhex("0a0000000001")
+    assert previous_vtep_mac(leases, me, [ip.IPv4Network("10.7.3.0/24")]) == bytes.fromhex(
+        "0a0000000003")
+    assert previous_vtep_mac(leases, ip.IPv4Address("10.10.9.9")) is None

@@ -59,3 +59,17 @@ async def test_until_stopped_gives_the_result_or_none() -> None:
         return 1
 
     assert await until_stopped(slow(), stop) is None
+
+
+def test_a_task_cancelled_by_someone_else_ends_all_with_one_error() -> None:
+    async def main() -> None:
+        async def victim() -> None:
+            asyncio.current_task().cancel()  # type: ignore[union-attr]
+            await asyncio.sleep(10)
+
+        async def forever() -> None:
+            await asyncio.sleep(10)
+
+        with pytest.raises(ControlError, match="cancelled unexpectedly"):
+            await asyncio.wait_for(run_together(victim(), forever()), 5)
+    asyncio.run(main())
