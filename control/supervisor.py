@@ -160,8 +160,10 @@ class Supervisor:
 
     def state(self) -> DataplaneState:
         routes, engine = self.routes, self.engine
+        moving = (self._acquired is not None and self.lease is not None
+                  and self._acquired.subnet != self.lease.subnet)
         return DataplaneState(
-            up=self._up, peers=self.peers,
+            up=self._up and not moving, peers=self.peers,
             decisions=routes.decisions if routes is not None else (),
             engine=engine.snapshot() if engine is not None else None,
             route_operations=routes.operations if routes is not None else {},

@@ -187,8 +187,9 @@ def test_subnet_taken_by_another_node_moves_us_to_a_new_one(lab: Lab) -> None:
         new = doc["node"]["subnet"]
         cluster.wait_ready(a1)
         # The TUN now carries the new subnet's address; the other node is our peer.
-        addr = lab.run(h1.ns, "ip", "-4", "-o", "addr", "show", "dev", "flannel.1").stdout
-        assert f"{new.split('/')[0]}/32" in addr
+        wait_for(lambda: f"{new.split('/')[0]}/32" in lab.run(
+            h1.ns, "ip", "-4", "-o", "addr", "show", "dev", "flannel.1", check=False).stdout,
+            20, "the TUN with the new subnet's address")
         cluster.wait_peers(a1, ["10.7.1.0/24"])
         with open(a1.subnet_file) as f:
             assert f"FLANNEL_SUBNET={new.rsplit('.', 1)[0]}.1/24" in f.read()
