@@ -687,7 +687,7 @@ class Engine:
                         pre = bytes(seg[:OFF_IP + ip_len]) if tap is not None else b""
                         kind = fill(seg, HEAD, OFF_IP, ip_len, mtu)
                         if write(seg[HEAD:OFF_IP + ip_len]):
-                            self._count_rx(route, 1, ip_len, kind)
+                            self._count_rx(route, 1, ip_len, kind, seg)
                             if tap is not None:
                                 self._tap_rx(tap, route, memoryview(pre), src, kind, 1)
                         else:
@@ -706,7 +706,7 @@ class Engine:
                             pre = bytes(seg[:OFF_IP + ip_len]) if tap is not None else b""
                             kind = fill(seg, HEAD, OFF_IP, ip_len, mtu)
                             if write(seg[HEAD:OFF_IP + ip_len]):
-                                self._count_rx(route, 1, ip_len, kind)
+                                self._count_rx(route, 1, ip_len, kind, seg)
                                 if tap is not None:
                                     self._tap_rx(tap, route, memoryview(pre), src, kind, 1)
                             else:
@@ -740,14 +740,24 @@ class Engine:
                 c.udp_max_batch = count
         return count
 
-    def _count_rx(self, route: Route, npk: int, nby: int, kind: int) -> None:
+    def _count_rx(self, route: Route, npk: int, nby: int, kind: int,
+                  seg: memoryview | None = None) -> None:
+        """Peer counters in inner-packet units: an unsegmented TCP datagram (a kernel or
+        tunnel-GSO sender's ~64 KB) counts as the MSS segments the TUN cuts it into."""
         st = route.stats
-        st.rx_packets += npk
-        st.rx_bytes += nby
         if kind == vnet.RX_CSUM_PARTIAL:
             self._c.rx_csum_partial += 1
         elif kind == vnet.RX_GSO:
             self._c.rx_gso += 1
+            if seg is not None:
+                ihl = (seg[OFF_IP] & 0x0F) << 2
+                hl = ihl + ((seg[OFF_IP + ihl + 12] >> 4) << 2)
+                mss = self.config.mtu - hl
+                if mss > 0 and nby > hl:
+                    npk = -(-(nby - hl) // mss)
+                    nby += (npk - 1) * hl
+        st.rx_packets += npk
+        st.rx_bytes += nby
 
     def _write_held(self, route: Route | None, npk: int, nby: int, src: str) -> None:
         """Write the coalescer's packet (``npk`` segments merged) to the TUN."""
