@@ -648,7 +648,7 @@ class Engine:
         buf, view, bufs = self._rxbuf, self._rxview, self._rxbufs
         table = self._table
         rx, mask = table.rx, table.mask
-        recv, write, check, fill = udp.recv, tun.write, wire.check_frame, vnet.fill_rx_vnet_hdr
+        recv, check, write_one = udp.recv, wire.check_frame, self._write_one
         from_bytes = int.from_bytes
         vx, own, mtu, c = self._vxlan, self._own_mac, self.config.mtu, self._c
         spoof = self.config.check_inner_source
@@ -683,15 +683,7 @@ class Engine:
                         continue
                     ip_len = (seg[24] << 8) | seg[25]
                     if coalescer is None:
-                        # the vnet header goes over the Ethernet bytes: a tap copies first
-                        pre = bytes(seg[:OFF_IP + ip_len]) if tap is not None else b""
-                        kind = fill(seg, HEAD, OFF_IP, ip_len, mtu)
-                        if write(seg[HEAD:OFF_IP + ip_len]):
-                            self._count_rx(route, 1, ip_len, kind, seg)
-                            if tap is not None:
-                                self._tap_rx(tap, route, memoryview(pre), src, kind, 1)
-                        else:
-                            self._drop(DropReason.TUN_WRITE_FAILED, RX, route, seg, src)
+                        write_one(route, seg, ip_len, src)
                         continue
                     if held and coalescer.append(seg, OFF_IP, ip_len):
                         held += 1
@@ -703,14 +695,7 @@ class Engine:
                             self._write_held(route, held, held_by, src)
                             held = held_by = 0
                         if not coalescer.can_hold(seg, OFF_IP, ip_len, mtu):
-                            pre = bytes(seg[:OFF_IP + ip_len]) if tap is not None else b""
-                            kind = fill(seg, HEAD, OFF_IP, ip_len, mtu)
-                            if write(seg[HEAD:OFF_IP + ip_len]):
-                                self._count_rx(route, 1, ip_len, kind, seg)
-                                if tap is not None:
-                                    self._tap_rx(tap, route, memoryview(pre), src, kind, 1)
-                            else:
-                                self._drop(DropReason.TUN_WRITE_FAILED, RX, route, seg, src)
+                            write_one(route, seg, ip_len, src)
                             continue
                         coalescer.start(seg, OFF_IP, ip_len)
                         held, held_by = 1, ip_len
@@ -739,6 +724,20 @@ class Engine:
             if count > c.udp_max_batch:
                 c.udp_max_batch = count
         return count
+
+    def _write_one(self, route: Route, seg: memoryview, ip_len: int, src: str) -> None:
+        """One received packet to the TUN, its vnet header written over the VXLAN and
+        Ethernet bytes in front of it (a tap copies the datagram first)."""
+        assert self._tun is not None
+        tap = self._tap
+        pre = bytes(seg[:OFF_IP + ip_len]) if tap is not None else b""
+        kind = vnet.fill_rx_vnet_hdr(seg, HEAD, OFF_IP, ip_len, self.config.mtu)
+        if self._tun.write(seg[HEAD:OFF_IP + ip_len]):
+            self._count_rx(route, 1, ip_len, kind, seg)
+            if tap is not None:
+                self._tap_rx(tap, route, memoryview(pre), src, kind, 1)
+        else:
+            self._drop(DropReason.TUN_WRITE_FAILED, RX, route, seg[:OFF_IP + ip_len], src)
 
     def _count_rx(self, route: Route, npk: int, nby: int, kind: int,
                   seg: memoryview | None = None) -> None:

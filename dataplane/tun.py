@@ -30,13 +30,10 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from dataplane import csum, vnet, wire
 from dataplane.errors import DeviceError
+from dataplane.tunnel_gso import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN
 from dataplane.wire import DropReason
 
 TUNSETOFFLOAD = 0x400454D0
-TUN_F_CSUM = 0x01
-TUN_F_TSO4 = 0x02
-TUN_F_TSO6 = 0x04
-TUN_F_TSO_ECN = 0x08
 OFFLOAD_TSO = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
 
 HEAD = wire.ENCAP_HLEN - vnet.VNET_HDR_LEN  # 12: where a read starts inside a packet slot
