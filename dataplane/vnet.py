@@ -3,7 +3,7 @@
 The TUN is opened with ``IFF_VNET_HDR``, so every read and write carries a
 10-byte ``virtio_net_hdr`` (native byte order) in front of the IP packet. That
 header is how the engine copes with two things a kernel VXLAN peer sends
-across veth (see flannel-compat.md):
+across veth (docs/architecture.md, "Dataplane"):
 
 - inner TCP/UDP checksums left *partial* (the field holds only the
   pseudo-header sum): written with ``NEEDS_CSUM`` the kernel completes or
@@ -65,7 +65,7 @@ def fill_rx_vnet_hdr(buf: bytearray | memoryview, hdr_off: int, ip_off: int, ip_
     """Write the virtio_net_hdr for a packet received from a peer; return RX_* for stats.
 
     ``buf[ip_off:ip_off+ip_len]`` is a checked IPv4 packet (wire.check_ipv4);
-    the header goes to ``buf[hdr_off:hdr_off+10]``. Rules (flannel-compat.md):
+    the header goes to ``buf[hdr_off:hdr_off+10]``. Rules (what a kernel peer sends):
     an unfragmented TCP packet above ``mtu`` gets a GSO_TCPV4 header (its
     checksum field reset to the pseudo-header sum); a TCP/UDP packet whose
     checksum field equals the pseudo-header sum gets NEEDS_CSUM; anything else
