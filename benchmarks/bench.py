@@ -134,7 +134,27 @@ class ModeRun:
             raise traffic.TrafficError(f"no ping from {pair.client_ns} to {pair.server_ip} "
                                        "within 30 s after setup")
         self.entry["setup_seconds"] = time.monotonic() - t0
+        if self.mode.userspace:
+            paths = self._tx_paths()
+            self.entry["tx_path"] = paths
+            if paths:
+                self.log(f"  {self.mode.name}: tx path " + ", ".join(
+                    f"{h} {p}" for h, p in sorted(paths.items())))
         traffic.start_iperf_server(self.lab, pair.server_ns, pair.server_ip)
+
+    def _tx_paths(self) -> dict[str, str]:
+        """How each host's engine sends (its /status ``engine.tx_path``: tunnel-gso,
+        tso-split+udp-gso, udp-gso, per-datagram), for hosts that serve one."""
+        assert self.pair is not None
+        probe = ("import json, urllib.request\n"
+                 "d = json.load(urllib.request.urlopen('http://127.0.0.1:9480/status', "
+                 "timeout=3))\nprint((d.get('engine') or {}).get('tx_path') or '')")
+        paths: dict[str, str] = {}
+        for host in (self.pair.client, self.pair.server):
+            res = self.lab.run(host.ns, sys.executable, "-c", probe, check=False, timeout=15)
+            if res.returncode == 0 and res.stdout.strip():
+                paths[host.name] = res.stdout.strip()
+        return paths
 
     def _tcp(self, streams: int, seconds: int) -> traffic.TcpRun:
         assert self.pair is not None
