@@ -17,7 +17,6 @@ import contextlib
 import ipaddress
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ import pytest
 from benchmarks.cluster import REPO, AgentProcess, Cluster
 from benchmarks.lab import Host, Lab
 
-pytestmark = [pytest.mark.netns, pytest.mark.etcd]
+pytestmark = [pytest.mark.netns("iptables", "ping"), pytest.mark.etcd("etcdctl")]
 
 VXLAN = '{"Network":"10.7.0.0/16","Backend":{"Type":"vxlan"}}'
 DEBIAN_CNI = "/usr/lib/cni"
@@ -193,17 +192,6 @@ class World:
     bin_dir: Path
 
 
-def _need_tools() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, TUN)")
-    for tool in ("ip", "etcd", "etcdctl", "iptables"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool}")
-    for plugin in REFERENCE_PLUGINS:
-        if not os.path.exists(os.path.join(DEBIAN_CNI, plugin)):
-            pytest.skip(f"needs {DEBIAN_CNI}/{plugin} (Debian package containernetworking-plugins)")
-
-
 def _cni_bin_dir(root: Path) -> Path:
     """A CNI bin dir as an operator sets one up: the reference plugins plus ``flannel``."""
     bin_dir = root / "bin"
@@ -223,7 +211,6 @@ def _cni_bin_dir(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    _need_tools()
     root = tmp_path_factory.mktemp("cni")
     with Lab() as lab:
         lab.add_segment("A", "10.10.1.0/24")

@@ -13,16 +13,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-import pytest
 
 from benchmarks.cluster import AgentProcess, Cluster
 from benchmarks.lab import Host, Lab
@@ -36,15 +32,6 @@ VXLAN_DR = '{"Network":"10.7.0.0/16","Backend":{"Type":"VxLAN","Directrouting":t
 TUN_ROUTE = f"{NETWORK} dev flannel.1 scope link"
 INTERVAL = 0.2  # ping interval during a fault (the issue's 0.2 s)
 TCP_RATE = "20M"  # enough to see a stall, little enough to leave the 2 cores to the agents
-
-
-def need_tools(*extra: str) -> None:
-    """Skip (with the reason) where the namespace tier cannot run."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, TUN)")
-    for tool in ("ip", "etcd", "etcdctl", "ping", "iperf3", *extra):
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool}")
 
 
 def lease_key(subnet: str) -> str:
@@ -235,8 +222,8 @@ def world(layout: Mapping[str, str], config: str = VXLAN, api: int = 3, *flags: 
           etcd: bool = True) -> Iterator[World]:
     """Hosts ``name -> segment`` (segment A 10.10.1.0/24, B 10.10.2.0/24 behind the
     router), host i with container subnet 10.7.i.0/24; etcd with ``config`` (when
-    ``etcd``) and agents started with ``flags``; all of it removed afterwards."""
-    need_tools()
+    ``etcd``) and agents started with ``flags``; all of it removed afterwards. The
+    tools it needs are named by the modules' markers (conftest checks them)."""
     with Lab() as lab:
         for seg in sorted(set(layout.values())):
             lab.add_segment(seg, {"A": "10.10.1.0/24", "B": "10.10.2.0/24"}[seg])

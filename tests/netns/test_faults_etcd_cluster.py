@@ -48,7 +48,7 @@ from tests.netns.test_faults_common import (
     world,
 )
 
-pytestmark = [pytest.mark.netns, pytest.mark.etcd]
+pytestmark = [pytest.mark.netns("ping", "iperf3", "ss"), pytest.mark.etcd("etcdctl")]
 
 GAP = 3.0  # s the second member stays away
 FAILOVER_WITHIN = 5.0  # s from a write committed during the failover to h1's /status

@@ -43,7 +43,7 @@ from tests.netns.test_faults_common import (
     world,
 )
 
-pytestmark = [pytest.mark.netns, pytest.mark.etcd]
+pytestmark = [pytest.mark.netns("ping", "iperf3", "ss"), pytest.mark.etcd("etcdctl")]
 
 PROXY_PORT = 23790
 SLOW = 2.0  # s added to every answer: slow but inside the agent's timeout

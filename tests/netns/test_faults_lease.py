@@ -26,7 +26,7 @@ from tests.netns.test_faults_common import (
     world,
 )
 
-pytestmark = [pytest.mark.netns, pytest.mark.etcd]
+pytestmark = [pytest.mark.netns("ping", "iperf3", "ss"), pytest.mark.etcd("etcdctl")]
 
 LOST_LINE = "disappeared from etcd"
 MAX_GAP = 1.0  # s of lost pings allowed while peers see our key go and come back

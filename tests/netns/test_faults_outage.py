@@ -34,7 +34,7 @@ from tests.netns.test_faults_common import (
     world,
 )
 
-pytestmark = [pytest.mark.netns, pytest.mark.etcd]
+pytestmark = [pytest.mark.netns("ping", "iperf3", "ss"), pytest.mark.etcd("etcdctl")]
 
 OUTAGE = 60.0
 

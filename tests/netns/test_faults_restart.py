@@ -30,7 +30,7 @@ from tests.netns.test_faults_common import (
     world,
 )
 
-pytestmark = [pytest.mark.netns, pytest.mark.etcd]
+pytestmark = [pytest.mark.netns("ping", "iperf3", "ss"), pytest.mark.etcd("etcdctl")]
 
 BACK_WITHIN = 3.0  # s from the new process's start until tunnelled traffic flows again
 SECONDS = 16  # traffic length: ~3 s before the kill, the fault, ~5 s after
