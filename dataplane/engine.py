@@ -202,7 +202,7 @@ class Engine:
         self._peer_drops: dict[tuple[str, str, str], int] = {}
         self.recorder = FlightRecorder()
         self._tap: TapHub | None = None
-        self._taps = TapHub()
+        self._taps = TapHub(time.time_ns)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._txb = TxBatch(config.mtu, config.tx_slots, config.offload)
         self._max_tun = 65535 if config.offload else config.mtu

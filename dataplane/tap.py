@@ -12,11 +12,12 @@ Records carry what Wireshark needs: the inner IPv4 packet (what the TUN gave
 or took) and/or the outer VXLAN datagram (UDP payload) with its addresses and
 ports, one ``packet_id`` shared by both sides of one packet, and the verdict
 and rule as text for the pcapng comment.
+
+Pure: the engine passes the clock; nothing here does I/O.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -119,7 +120,8 @@ class TapSubscriber:
 class TapHub:
     """The subscribers of one engine; the loops call :meth:`emit` while any is attached."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], int]) -> None:
+        self.clock = clock  # nanoseconds since the epoch (the engine passes time.time_ns)
         self.subscribers: list[TapSubscriber] = []
         self.next_id = 1
         self.records = 0
@@ -150,7 +152,7 @@ class TapHub:
                 if not f.match_inner(inner_b):
                     continue
             if rec is None:
-                rec = TapRecord(time.time_ns(), self.packet_id(), direction, verdict, reason,
+                rec = TapRecord(self.clock(), self.packet_id(), direction, verdict, reason,
                                 rule, peer, peer_ip, peer_mac,
                                 bytes(inner) if inner is not None else None,
                                 bytes(outer) if outer is not None else None,
