@@ -335,6 +335,10 @@ def main(argv: list[str]) -> int:
         "schema": report.SCHEMA, "quick": args.quick,
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine(), "method": asdict(plan), "modes": []}
+    from benchmarks import wakeup
+
+    doc["machine"]["wakeup"] = wakeup.measure(plan.ping_interval_s,
+                                              rounds=20 if args.quick else wakeup.ROUNDS)
     doc["modes"] = run_modes(modes, plan, log, os.path.join(args.out, "logs"))
     if not args.no_scale:
         from benchmarks import scale

@@ -15,6 +15,8 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from benchmarks import wakeup
+
 SCHEMA = "flannelette-bench/1"
 ANCHOR = "kernel-vxlan"  # ratios in the headline are to this mode of the same run
 LIMIT = "host-gw"  # added latency is measured against this mode
@@ -195,6 +197,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
         f"Machine: {mach.get('cpu_model', '?')}, {mach.get('cores', '?')} cores, "
         f"kernel {mach.get('kernel', '?')}, Python {mach.get('python', '?')}, "
         f"{mach.get('iperf3', 'iperf3 ?')}.",
+        *([line] if (line := wakeup.text(mach.get("wakeup"))) else []),
         f"Method: {meth.get('reps', '?')} repetitions after {meth.get('warmup_seconds', '?')} s "
         f"warm-up, modes interleaved; TCP runs of {meth.get('tcp_seconds', '?')} s; "
         f"one UDP search per repetition with "

@@ -61,6 +61,7 @@ async def run(opts: AgentOptions, stop: asyncio.Event) -> int:
     dp = Supervisor(config, config.mtu_for(iface.mtu), public_ip, subnet_file=opts.subnet_file,
                     ip_masq=opts.ip_masq, offload=opts.engine_offload,
                     tunnel_gso=opts.tunnel_gso, inner_source_check=opts.inner_source_check,
+                    source_ports=opts.source_ports,
                     engine_starter=engine_starter(opts.workers))
     if dp.vtep_mac is not None:  # vxlan: keep the VtepMAC our lease has (a restart)
         try:

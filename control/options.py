@@ -41,6 +41,7 @@ class AgentOptions:
     tunnel_gso: str = "auto"  # auto | on | off (with engine_offload)
     inner_source_check: bool = True
     workers: int = 1  # engine processes (1: in-process)
+    source_ports: int = 8  # send lanes on ephemeral outer source ports (0: all from 8472)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -111,6 +112,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=int(d("workers", "1")),
                    help="engine processes sharing a multi-queue TUN and SO_REUSEPORT sockets "
                         "(default 1: in-process; see docs/operations.md)")
+    p.add_argument("--source-ports", type=int, default=int(d("source-ports", "8")),
+                   metavar="N",
+                   help="send each inner flow from one of N ephemeral outer UDP source ports "
+                        "(by flow hash), so receivers' RSS queues and workers spread flows as "
+                        "with the kernel's VXLAN (default 8; 0: all from port 8472)")
     p.add_argument("--watch-timeout", type=float, default=float(d("watch-timeout", "10")),
                    help=argparse.SUPPRESS)
     p.add_argument("--etcd-timeout", type=float, default=float(d("etcd-timeout", "5")),
@@ -150,6 +156,8 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> AgentOptions:
                         f"{ns.subnet_lease_renew_margin:g} min")
     if not 1 <= ns.workers <= 64:
         raise FlagError(f"--workers must be in 1..64, got {ns.workers}")
+    if not 0 <= ns.source_ports <= 64:
+        raise FlagError(f"--source-ports must be in 0..64, got {ns.source_ports}")
     # argparse checks choices on the command line only, not FLANNELD_* defaults.
     for flag, value, allowed in (("etcd-api", ns.etcd_api, ("auto", "v2", "v3")),
                                  ("log-level", ns.log_level,
@@ -167,4 +175,4 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str]) -> AgentOptions:
         log_level="debug" if ns.verbose else ns.log_level, log_format=ns.log_format,
         watch_timeout=ns.watch_timeout, engine_offload=ns.engine_offload == "on",
         tunnel_gso=ns.tunnel_gso, inner_source_check=ns.inner_source_check == "on",
-        workers=ns.workers)
+        workers=ns.workers, source_ports=ns.source_ports)

@@ -119,6 +119,7 @@ class Supervisor:
     def __init__(self, config: NetworkConfig, mtu: int, public_ip: ipaddress.IPv4Address, *,
                  subnet_file: str, ip_masq: bool = False, offload: bool = False,
                  tunnel_gso: str = "auto", inner_source_check: bool = True,
+                 source_ports: int = 8,
                  engine_starter: EngineStarter = start_engine,
                  routes_factory: RoutesFactory = route_programmer,
                  masq_installer: MasqInstaller = masq.ainstall) -> None:
@@ -136,6 +137,7 @@ class Supervisor:
         self._offload = offload
         self._tunnel_gso = tunnel_gso if offload else "off"
         self._inner_source_check = inner_source_check
+        self._source_ports = source_ports
         self._start_engine = engine_starter
         self._new_routes = routes_factory
         self._install_masq = masq_installer
@@ -228,7 +230,8 @@ class Supervisor:
         self.engine = await self._start_engine(EngineConfig(
             subnet=self.lease.subnet, public_ip=self.public_ip, vtep_mac=self.vtep_mac,
             vni=b.vni, mtu=mtu, port=b.port, offload=self._offload,
-            tunnel_gso=self._tunnel_gso, check_inner_source=self._inner_source_check))
+            tunnel_gso=self._tunnel_gso, check_inner_source=self._inner_source_check,
+            source_ports=self._source_ports))
         if self.routes is not None:
             self.routes.device = self.engine.tun_name
         if isinstance(self.engine, Engine):

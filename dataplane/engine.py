@@ -36,6 +36,7 @@ import asyncio
 import errno
 import ipaddress
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -47,7 +48,7 @@ from dataplane.stats import Counters, EngineStats, PeerStats
 from dataplane.tap import TapHub, TapSubscriber
 from dataplane.tun import HEAD, TunDevice, TxBatch
 from dataplane.txtap import TunnelTx, host_reason
-from dataplane.udp import GSO_MAX_SEGS, UDP_MAX, UdpEndpoint
+from dataplane.udp import GSO_MAX_SEGS, MAX_SOURCE_PORTS, UDP_MAX, UdpEndpoint
 from dataplane.wire import ENCAP_HLEN, OFF_IP, DropReason, Frame
 
 _RX_BUF = 65536 + 64
@@ -92,6 +93,10 @@ class EngineConfig:
     # One of several worker processes sharing the devices: a multi-queue TUN (and TAP) and
     # an SO_REUSEPORT UDP socket, all opened under the same names and port.
     shared_devices: bool = False
+    # Send lanes on ephemeral source ports: each inner flow leaves from the one its flow
+    # hash picks (tunnel-GSO writes too), so receivers' RSS queues and SO_REUSEPORT
+    # workers spread a sender's flows, as with the kernel's VXLAN. 0: all from ``port``.
+    source_ports: int = 8
 
     def __post_init__(self) -> None:
         if len(self.vtep_mac) != 6 or self.vtep_mac[0] & 1:
@@ -104,6 +109,9 @@ class EngineConfig:
             raise ConfigError(f"port must be in 1..65535, got {self.port}")
         if self.batch < 1:
             raise ConfigError(f"batch must be >= 1, got {self.batch}")
+        if not 0 <= self.source_ports <= MAX_SOURCE_PORTS:
+            raise ConfigError(f"source_ports must be in 0..{MAX_SOURCE_PORTS}, "
+                              f"got {self.source_ports}")
         if not 0 <= self.busy_poll_us <= 10000:
             raise ConfigError(f"busy_poll_us must be in 0..10000, got {self.busy_poll_us}")
         if self.tunnel_gso not in ("auto", "on", "off"):
@@ -169,7 +177,8 @@ def open_devices(config: EngineConfig) -> tuple[TunDevice, UdpEndpoint]:
     try:
         udp = UdpEndpoint.open(str(config.public_ip), config.port, config.socket_buffer,
                                gro=config.rx_gro or config.offload, gso=True,
-                               reuseport=config.shared_devices)
+                               reuseport=config.shared_devices,
+                               source_ports=config.source_ports)
     except BaseException:
         tun.close()
         raise
@@ -220,6 +229,10 @@ class Engine:
         # Set when a device is gone for good (the TUN deleted under us): the loops stop
         # and ``on_failure`` tells the owner, who builds a new engine.
         self.failure: str | None = None
+        # Source lanes (the endpoint's, so fakes decide): lane 0 is PublicIP:port.
+        self._lanes = 0
+        self._lane_ports: list[int] = [config.port]
+        self._rx_sport = 0  # the outer source port of the receive being handled (for taps)
         self._busy = config.busy_poll_us / 1e6
         self._spinning = False
         self.on_failure: Callable[[str], None] | None = None
@@ -246,6 +259,8 @@ class Engine:
                 raise
         if self._udp.gro:
             self._gro = gro.Coalescer()
+        self._lanes = self._udp.lanes - 1
+        self._lane_ports = [p or cfg.port for p in self._udp.ports]
         readers = ((self._tun.fileno(), self.tun_readable),
                    (self._udp.fileno(), self.udp_readable))
         for fd, cb in readers:  # fake devices have no descriptor: their tests call the loops
@@ -344,7 +359,9 @@ class Engine:
         c["tx_gso_sends"] = self._udp.gso_sends if self._udp is not None else 0
         c["tap_records"] = self._taps.records
         c["tap_records_lost"] = self._taps.lost
+        ports = self._lane_ports[1:] or self._lane_ports
         return EngineStats(tx_path=self.tx_path, tunnel_gso=self.tunnel_reason,
+            source_ports=",".join(map(str, ports)),
             peers={k: s.freeze() for k, s in self._peer_stats.items()},
             drops={r.value: v for r, v in self._drops.items()},
             peer_drops=dict(self._peer_drops), **c)
@@ -434,6 +451,7 @@ class Engine:
         check, from_bytes, complete = wire.check_tun_packet, int.from_bytes, csum.complete_checksum
         c, maxlen, flush = self._c, self._max_tun, self._flush
         tunnel, gsos = self._tunnel, b.gso
+        lanes, lane_of, crc32 = self._lanes, wire.flow_lane, zlib.crc32
         total = 0
         limit = self.config.batch
         while total < limit:
@@ -449,7 +467,7 @@ class Engine:
                 break
             total += b.reads
             run: Route | None = None
-            first = end = seglen = npk = nby = i0 = rbytes = 0
+            first = end = seglen = npk = nby = i0 = rbytes = lane = rlane = 0
             contig = True
             for i in range(k):
                 o = off[i]
@@ -463,15 +481,21 @@ class Engine:
                 if route is None:
                     self._unreachable(ip, plen)
                     continue
+                if lanes:  # inlined for the common unfragmented TCP/IPv4 packet
+                    if buf[ip] == 0x45 and buf[ip + 9] == 6 and not (buf[ip + 6] & 0x3F
+                                                                       | buf[ip + 7]):
+                        lane = 1 + crc32(view[ip + 12:ip + 24], 6) % lanes
+                    else:
+                        lane = lane_of(buf, ip, lanes)
                 g = gsos[i]
                 if g:  # a TSO super-packet: cut here, or by the kernel after encapsulation
                     if run is not None:
-                        flush(run, first, end, seglen, npk, nby, i0, contig, rbytes)
+                        flush(run, first, end, seglen, npk, nby, i0, contig, rbytes, rlane)
                         run = None
                     if tunnel is not None and plen + wire.OVERHEAD <= 65535:
-                        self._tunnel_send(tunnel, route, o, plen, g)
+                        self._tunnel_send(tunnel, route, o, plen, g, lane)
                     else:
-                        self._split_send(route, ip, plen, g)
+                        self._split_send(route, ip, plen, g, lane)
                     continue
                 cs = csums[i]
                 if cs:
@@ -482,14 +506,15 @@ class Engine:
                         c.tx_csum_completed += 1
                 buf[o:ip] = route.prefix
                 dlen = plen + ENCAP_HLEN
-                # A run: consecutive packets to one peer, all of one size (the last may
-                # be shorter), at most 64 and 65507 bytes: one UDP GSO call. Full-size
-                # packets lie back to back; others go as an iovec.
-                if (route is not run or i != i0 + npk or dlen > seglen or npk == GSO_MAX_SEGS
-                        or rbytes + dlen > UDP_MAX):
+                # A run: consecutive packets to one peer from one lane, all of one size
+                # (the last may be shorter), at most 64 and 65507 bytes: one UDP GSO
+                # call. Full-size packets lie back to back; others go as an iovec.
+                if (route is not run or lane != rlane or i != i0 + npk or dlen > seglen
+                        or npk == GSO_MAX_SEGS or rbytes + dlen > UDP_MAX):
                     if run is not None:
-                        flush(run, first, end, seglen, npk, nby, i0, contig, rbytes)
+                        flush(run, first, end, seglen, npk, nby, i0, contig, rbytes, rlane)
                     run, first, seglen, npk, nby, i0, rbytes = route, o, dlen, 0, 0, i, 0
+                    rlane = lane
                     contig = True
                 elif o != end:
                     contig = False
@@ -498,10 +523,10 @@ class Engine:
                 nby += plen
                 rbytes += dlen
                 if dlen < seglen:  # shorter: the last datagram its run may have
-                    flush(run, first, end, seglen, npk, nby, i0, contig, rbytes)
+                    flush(run, first, end, seglen, npk, nby, i0, contig, rbytes, rlane)
                     run = None
             if run is not None:
-                flush(run, first, end, seglen, npk, nby, i0, contig, rbytes)
+                flush(run, first, end, seglen, npk, nby, i0, contig, rbytes, rlane)
             if b.error is not None or (k < b.nslots and not b.rejects and not self.config.offload):
                 break  # drained (or failing): wait for the next wake-up
         if total or not self._spinning:
@@ -512,17 +537,18 @@ class Engine:
         return total
 
     def _flush(self, route: Route, first: int, end: int, seglen: int, npk: int, nby: int,
-               i0: int, contig: bool, rbytes: int) -> None:
-        """Send one run (``npk`` datagrams, ``nby`` inner bytes); count what left."""
+               i0: int, contig: bool, rbytes: int, lane: int) -> None:
+        """Send one run (``npk`` datagrams, ``nby`` inner bytes) from ``lane``; count what
+        left."""
         assert self._udp is not None
         b = self._txb
         if contig:
-            sent, nbytes = self._udp.send_run(b.view[first:end], seglen, route.addr)
+            sent, nbytes = self._udp.send_run(b.view[first:end], seglen, route.addr, lane)
         else:
             view, off, size = b.view, b.off, b.size
             sent, nbytes = self._udp.send_parts(
                 [view[off[k]:off[k] + ENCAP_HLEN + size[k]] for k in range(i0, i0 + npk)],
-                seglen, rbytes, route.addr)
+                seglen, rbytes, route.addr, lane)
         st = route.stats
         if sent == npk:
             st.tx_packets += npk
@@ -533,9 +559,9 @@ class Engine:
             self._drop(DropReason.SEND_FAILED, TX, route, None, count=npk - sent)
         tap = self._tap
         if tap is not None:
-            self._tap_run(tap, route, i0, npk, sent == npk, seglen)
+            self._tap_run(tap, route, i0, npk, sent == npk, seglen, self._lane_ports[lane])
 
-    def _split_send(self, route: Route, ip: int, plen: int, mss: int) -> None:
+    def _split_send(self, route: Route, ip: int, plen: int, mss: int, lane: int) -> None:
         """Cut a TSO super-packet into MSS segments behind the peer's prefix (full TCP
         checksums, or pseudo-header sums for a flannelette peer); one GSO send."""
         assert self._udp is not None
@@ -549,7 +575,7 @@ class Engine:
             c.tx_csum_partial += segs
         else:
             c.tx_csum_completed += segs
-        sent, nbytes = self._udp.send_run(self._segview[:used], seglen, route.addr)
+        sent, nbytes = self._udp.send_run(self._segview[:used], seglen, route.addr, lane)
         st = route.stats
         st.tx_packets += sent
         st.tx_bytes += nbytes - sent * ENCAP_HLEN
@@ -560,23 +586,25 @@ class Engine:
             rule = (f"TSO split into {segs} segments of MSS {mss}, inner checksums "
                     + ("left partial (flannelette peer)" if route.partial else "completed"))
             me, port, sv = str(self.config.public_ip), self.config.port, self._segview
+            sport = self._lane_ports[lane]
             for k in range(segs):
                 o = k * seglen
                 d = sv[o:min(o + seglen, used)]
                 tap.emit(TX, "forwarded" if sent == segs else "dropped",
                          "" if sent == segs else DropReason.SEND_FAILED.value, rule, route.key,
                          route.public_ip, route.mac_text, d[ENCAP_HLEN:], d, me,
-                         route.public_ip, port, port)
+                         route.public_ip, sport, port)
 
     def _tunnel_send(self, tunnel: TunnelTx, route: Route, o: int, plen: int,
-                     mss: int) -> None:
-        """One TCP super-packet, wrapped once, written to the tunnel-GSO TAP."""
+                     mss: int, lane: int) -> None:
+        """One TCP super-packet, wrapped once, written to the tunnel-GSO TAP (from the
+        source port of the flow's lane, as its other packets)."""
         view = self._txb.view
         ip = o + ENCAP_HLEN
         inner = view[ip:ip + plen]
         cfg = self.config
         hdr = tunnel.header(inner, mss, self._own_ip, route.ip_bytes, route.mac, self._own_mac,
-                            cfg.vni, cfg.port)
+                            cfg.vni, self._lane_ports[lane], cfg.port)
         ihl = (view[ip] & 0x0F) << 2
         hl = ihl + ((view[ip + ihl + 12] >> 4) << 2)
         segs = max(1, -(-(plen - hl) // mss))
@@ -597,7 +625,7 @@ class Engine:
                      int.from_bytes(hdr[-ENCAP_HLEN - 8:-ENCAP_HLEN - 6], "big"), cfg.port)
 
     def _tap_run(self, tap: TapHub, route: Route, i0: int, npk: int, ok: bool,
-                 seglen: int) -> None:
+                 seglen: int, sport: int) -> None:
         b = self._txb
         view, port, me = b.view, self.config.port, str(self.config.public_ip)
         rule = f"UDP GSO send of {npk} datagrams of {seglen} bytes" if npk > 1 else ""
@@ -612,11 +640,11 @@ class Engine:
             outer = view[o:o + ENCAP_HLEN + plen]
             if ok:
                 tap.emit(TX, "forwarded", "", r, route.key, route.public_ip, route.mac_text,
-                         inner, outer, me, route.public_ip, port, port)
+                         inner, outer, me, route.public_ip, sport, port)
             else:
                 tap.emit(TX, "dropped", DropReason.SEND_FAILED.value, r, route.key,
                          route.public_ip, route.mac_text, inner, outer, me, route.public_ip,
-                         port, port)
+                         sport, port)
 
     def _unreachable(self, ip: int, plen: int) -> None:
         """No peer owns the destination: count it and answer ICMP host unreachable.
@@ -656,12 +684,14 @@ class Engine:
         count = 0
         limit = self.config.batch
         while count < limit:
-            n, step, src = recv(bufs)
+            n, step, src, sport = recv(bufs)
             if n < 0:
                 if n == -2:
                     self._drop(DropReason.UDP_RECV_FAILED, RX, None, None)
                 break
             count += 1
+            if tap is not None:
+                self._rx_sport = sport
             # A kernel VXLAN sender's ~64 KB datagram carries its inner MSS as the GRO
             # segment size: one frame, not a batch (its IP length covers it all).
             if step != n and n > OFF_IP + 4 and OFF_IP + ((buf[24] << 8) | buf[25]) >= n:
@@ -780,7 +810,8 @@ class Engine:
         if tap is not None and npk > 1:
             tap.emit(RX, "forwarded", "", f"GRO merged {npk} segments into one TUN write",
                      route.key, route.public_ip, route.mac_text,
-                     packet[vnet.VNET_HDR_LEN:], None, src, str(self.config.public_ip), 0,
+                     packet[vnet.VNET_HDR_LEN:], None, src, str(self.config.public_ip),
+                     self._rx_sport,
                      self.config.port)
 
     def _tap_rx(self, tap: TapHub, route: Route, datagram: memoryview, src: str, kind: int,
@@ -790,7 +821,7 @@ class Engine:
                 vnet.RX_GSO: "unsegmented TCP super-packet: written with GSO_TCPV4",
                 -1: "held for GRO"}.get(kind, "")
         tap.emit(RX, "forwarded", "", rule, route.key, route.public_ip, route.mac_text,
-                 datagram[OFF_IP:], datagram, src, str(self.config.public_ip), 0,
+                 datagram[OFF_IP:], datagram, src, str(self.config.public_ip), self._rx_sport,
                  self.config.port)
 
     def _arp(self, seg: memoryview, n: int, src: str, route: Route | None) -> None:

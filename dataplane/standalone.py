@@ -120,6 +120,10 @@ def _parser() -> _Parser:
     p.add_argument("--tunnel-gso", choices=("auto", "on", "off"), default="auto",
                    help="with --offload on: TCP super-packets wrapped once and segmented by the "
                         "kernel through a TAP (Linux >= 6.17); auto = when available")
+    p.add_argument("--source-ports", type=int, default=8, metavar="N",
+                   help="send each inner flow from one of N ephemeral outer source ports (by "
+                        "flow hash), so receivers spread flows as with the kernel's VXLAN "
+                        "(default 8; 0: all from --port)")
     p.add_argument("--inner-source-check", choices=("on", "off"), default="on",
                    help="drop a peer's datagrams whose inner IPv4 source is outside that "
                         "peer's subnet (default on; off only for debugging)")
@@ -260,7 +264,8 @@ def main(argv: list[str]) -> int:
             tun_name=args.tun_name, port=args.port, batch=args.batch,
             offload=args.offload == "on", rx_gro=args.rx_gro == "on",
             tx_gso=args.tx_gso == "on", check_inner_source=args.inner_source_check == "on",
-            tunnel_gso=args.tunnel_gso, busy_poll_us=args.busy_poll_us)
+            tunnel_gso=args.tunnel_gso, busy_poll_us=args.busy_poll_us,
+            source_ports=args.source_ports)
         if not 1 <= args.workers <= 64:
             raise _UsageError(f"--workers must be in 1..64, got {args.workers}")
         if args.stats_interval <= 0:

@@ -114,6 +114,7 @@ class EngineStats:
     busy_poll_hits: int = 0  # of those, the ones that found a packet (a wake-up saved)
     tx_path: str = ""  # tunnel-gso | tso-split+udp-gso | udp-gso | per-datagram
     tunnel_gso: str = ""  # on (device) | off | unavailable: why
+    source_ports: str = ""  # the outer source ports flows leave from ("8472": no lanes)
     @property
     def total_drops(self) -> int:
         return sum(self.drops.values())

@@ -133,14 +133,16 @@ class TunnelTx:
             self._dev = None
 
     def header(self, inner: memoryview, gso_size: int, src: bytes, dst: bytes, dst_mac: bytes,
-               own_mac: bytes, vni: int, port: int) -> bytes:
+               own_mac: bytes, vni: int, sport: int, dport: int) -> bytes:
         """vnet header + TAP Ethernet + outer IPv4/UDP/VXLAN/Ethernet for one super-packet.
 
+        ``sport``: the flow's outer source port (the engine gives the port of the UDP
+        lane the flow's other packets leave from, so the flow keeps one 4-tuple).
         TTL 65: forwarding out of the underlay takes one off, so peers see 64.
         """
         return (tg.tunnel_vnet_hdr_for(inner, gso_size) + self.l2
-                + tg.build_tunnel_prefix(src, dst, tg.src_port_for(inner), vni, dst_mac, own_mac,
-                                         len(inner), dst_port=port, ttl=65))
+                + tg.build_tunnel_prefix(src, dst, sport, vni, dst_mac, own_mac,
+                                         len(inner), dst_port=dport, ttl=65))
 
 
 def _configure_link(name: str) -> None:

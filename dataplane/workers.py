@@ -183,7 +183,7 @@ def filter_from_wire(d: Mapping[str, Any]) -> TapFilter:
 
 # ---- aggregation ---------------------------------------------------------------------------
 _MAX_FIELDS = frozenset({"tun_max_batch", "udp_max_batch"})
-_TEXT_FIELDS = frozenset({"tx_path", "tunnel_gso"})
+_TEXT_FIELDS = frozenset({"tx_path", "tunnel_gso", "source_ports"})
 _MAP_FIELDS = frozenset({"peers", "drops", "peer_drops"})
 _INT_FIELDS = tuple(f.name for f in dataclasses.fields(EngineStats)
                     if f.name not in _MAX_FIELDS | _TEXT_FIELDS | _MAP_FIELDS)

@@ -11,6 +11,7 @@ batches; both can be told to fail.
 from __future__ import annotations
 
 import errno
+import functools
 import struct
 from collections import deque
 from collections.abc import Sequence
@@ -61,6 +62,7 @@ class Sent:
     data: bytes
     addr: Address
     gso_call: int  # 0 for sendto, else the number of the GSO call that carried it
+    sport: int = 8472  # the source port: the lane's (lane 0 is the bound 8472)
 
 
 @dataclass
@@ -73,7 +75,8 @@ class _Inbound:
 class FakeUdp(UdpEndpoint):
     """A UDP endpoint whose receives come from :attr:`inbound` (``queue``/``queue_gro``)."""
 
-    def __init__(self, *, gro: bool = True) -> None:
+    def __init__(self, *, gro: bool = True, lanes: int = 0) -> None:
+        """``lanes``: source-port lanes, sending from ports 40001, 40002, ..."""
         self.refuse_gso = False  # sendmsg with UDP_SEGMENT fails with EIO, as without offload
         self.fail_sends = False
         self.sent: list[Sent] = []
@@ -81,6 +84,11 @@ class FakeUdp(UdpEndpoint):
         self.gso_calls = 0
         super().__init__(gro=gro, gso=True, recvmsg=self._fake_recvmsg,
                          sendmsg=self._fake_sendmsg, sendto=self._fake_sendto)
+        self.ports[0] = 8472
+        for k in range(lanes):
+            port = 40001 + k
+            self.add_lane(functools.partial(self._fake_sendmsg, sport=port),
+                          functools.partial(self._fake_sendto, sport=port), port)
 
     def queue(self, data: bytes, src: str, port: int = 8472) -> None:
         self.inbound.append(_Inbound(data, len(data), (src, port)))
@@ -102,7 +110,7 @@ class FakeUdp(UdpEndpoint):
         return n, anc, 0, item.src
 
     def _fake_sendmsg(self, bufs: list[memoryview], anc: list[tuple[int, int, bytes]],
-                      flags: int, addr: Address) -> int:
+                      flags: int, addr: Address, sport: int = 8472) -> int:
         data = b"".join(bytes(b) for b in bufs)
         seg = next((struct.unpack("=H", d)[0] for lvl, kind, d in anc
                     if lvl == SOL_UDP and kind == UDP_SEGMENT), 0)
@@ -112,13 +120,14 @@ class FakeUdp(UdpEndpoint):
             raise OSError(errno.ENOBUFS, "fake send failure")
         self.gso_calls += 1
         for off in range(0, len(data), seg or len(data)):
-            self.sent.append(Sent(data[off:off + (seg or len(data))], addr, self.gso_calls))
+            self.sent.append(Sent(data[off:off + (seg or len(data))], addr, self.gso_calls,
+                                  sport))
         return len(data)
 
-    def _fake_sendto(self, data: memoryview | bytes, addr: Address) -> int:
+    def _fake_sendto(self, data: memoryview | bytes, addr: Address, sport: int = 8472) -> int:
         if self.fail_sends:
             raise OSError(errno.ENOBUFS, "fake send failure")
-        self.sent.append(Sent(bytes(data), addr, 0))
+        self.sent.append(Sent(bytes(data), addr, 0, sport))
         return len(data)
 
 

@@ -9,6 +9,7 @@ their reasons; a trace line per packet. One lab serves the module.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -139,7 +140,11 @@ def test_trace_prints_one_line_per_packet(world: World) -> None:
     assert proc.returncode == 0 and len(lines) == 2, out + err
     tx, rx = (line.split(" | ") for line in lines)
     assert tx[1:3] == ["tx", "10.244.2.0/24"] and rx[1:3] == ["rx", "10.244.2.0/24"]
-    assert tx[3].startswith("10.10.1.1:8472 > 10.10.1.2:8472 VXLAN flags 0x08 vni 1")
+    # from the source lane of the ping's flow (one of the ports /status lists) to 8472
+    m = re.match(r"10\.10\.1\.1:(\d+) > 10\.10\.1\.2:8472 VXLAN flags 0x08 vni 1", tx[3])
+    lanes = status(lab, h1)["engine"]["source_ports"].split(",")
+    assert m is not None and m.group(1) in lanes
+    assert re.match(r"10\.10\.1\.2:\d+ > 10\.10\.1\.1:8472 VXLAN", rx[3]), rx[3]
     assert tx[4].startswith("ICMP 10.244.1.2 > 10.244.2.2 echo-request")
     assert rx[4].startswith("ICMP 10.244.2.2 > 10.244.1.2 echo-reply")
     assert tx[5] == "forwarded" and rx[5].startswith("forwarded")

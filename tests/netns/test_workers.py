@@ -2,7 +2,8 @@
 and SO_REUSEPORT sockets.
 
 20 MB over TCP both ways (SHA-256 compared at the far end), four parallel flows
-with both workers of each host carrying traffic, a worker killed with SIGKILL
+with both workers of each host carrying traffic, one sender's flows spread over the
+receiver's workers by its source lanes (and not without them), a worker killed with SIGKILL
 restarted (counted, counters kept) with traffic going on, and no worker left
 behind when the engine goes, also when the engine itself is SIGKILLed. Two
 `flannelette run --workers 2` agents carry traffic and show the pool in /status,
@@ -161,6 +162,39 @@ def test_workers_go_with_the_engine(pools: tuple[Lab, Host, Host, Path, Path]) -
     while "flannel.1" in lab.ip(h2.ns, "link", "show").stdout:
         assert time.monotonic() < end, "TUN outlived the engine and its workers"
         time.sleep(0.1)
+
+
+@pytest.mark.parametrize("ports", [8, 0], ids=["source-ports-8", "source-ports-0"])
+def test_source_ports_spread_one_senders_flows_over_the_receivers_workers(
+        lab: Lab, tmp_path: Path, ports: int) -> None:
+    """A one-process sender (tunnel GSO where the kernel has it) and a receiver with two
+    SO_REUSEPORT workers: with source lanes a sender's flows arrive on both workers; with
+    every datagram from port 8472 the 4-tuple is one and so is the receiving worker."""
+    lab.add_segment("A", "10.10.1.0/24")
+    h1 = lab.add_host("h1", "A", PEER1)
+    h2 = lab.add_host("h2", "A", PEER2)
+    assert h1.container_ns and h2.container_ip
+    s1, s2 = tmp_path / "h1.json", tmp_path / "h2.json"
+    start_engine(lab, h1, MAC1, [(h2, MAC2)], s1, "--offload", "on", "--source-ports",
+                 str(ports), "--healthz-port", "0")
+    start_engine(lab, h2, MAC2, [(h1, MAC1)], s2, "--workers", "2", "--offload", "on",
+                 "--healthz-port", "0")
+    sender = pool_stats(s1)
+    lane_ports = [int(p) for p in sender["source_ports"].split(",")]
+    assert len(set(lane_ports)) == max(ports, 1)
+    assert lane_ports == [8472] if ports == 0 else 8472 not in lane_ports
+    assert lab.wait_ping(h1.container_ns, h2.container_ip)
+    rx: list[int] = []
+    for rnd in range(4):  # a round's flows may all hash to one worker; a few make it unlikely
+        parallel(lab, h1, h2, 6, 2 << 20, 6200 + 10 * rnd)
+        time.sleep(0.6)  # a stats push
+        rx = [w["rx_packets"] for w in pool_stats(s2)["per_worker"]]
+        if ports == 0 or all(rx):
+            break
+    if ports:
+        assert all(n > 0 for n in rx), rx
+    else:
+        assert sorted(n > 0 for n in rx) == [False, True], rx
 
 
 @pytest.mark.etcd("etcdctl")

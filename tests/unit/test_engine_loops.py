@@ -36,8 +36,8 @@ MTU = 1450
 
 
 def engine(*, offload: bool = False, gro: bool = True, tx_gso: bool = True,
-           check_inner_source: bool = True) -> tuple[Engine, FakeTun, FakeUdp]:
-    tun, udp = FakeTun(offload=offload), FakeUdp(gro=gro)
+           check_inner_source: bool = True, lanes: int = 0) -> tuple[Engine, FakeTun, FakeUdp]:
+    tun, udp = FakeTun(offload=offload), FakeUdp(gro=gro, lanes=lanes)
     e = Engine(EngineConfig(NET("10.244.1.0/24"), ADDR("10.10.1.1"), OWN_MAC, mtu=MTU,
                             offload=offload, tx_gso=tx_gso,
                             check_inner_source=check_inner_source), tun, udp)
@@ -401,7 +401,7 @@ def test_recorder_rings_are_bounded_per_reason() -> None:
 
 # ---- tunnel GSO ----------------------------------------------------------------------------
 def test_tunnel_gso_hands_a_super_packet_over_in_one_write() -> None:
-    e, tun, udp = engine(offload=True)
+    e, tun, udp = engine(offload=True, lanes=4)
     tap = FakeTunnel()
     e.attach_tunnel(tap)
     hdr, pkt = _super_packet("10.244.2.2")
@@ -416,7 +416,9 @@ def test_tunnel_gso_hands_a_super_packet_over_in_one_write() -> None:
     assert frame.dst == frame.src == wire.mac_to_str(tap.mac)
     outer = frame[IP]
     assert (outer.src, outer.dst, outer.ttl) == ("10.10.1.1", "10.10.1.2", 65)
-    assert outer[UDP].dport == 8472 and outer[UDP].sport >= 32768
+    # from the source port of the flow's lane (the fake's lane k sends from 40000 + k)
+    assert outer[UDP].dport == 8472
+    assert outer[UDP].sport == 40000 + wire.flow_lane(pkt, 0, 4)
     assert outer[VXLAN].vni == 1
     assert (outer[VXLAN].payload.dst, outer[VXLAN].payload.src) == (
         wire.mac_to_str(KERNEL_MAC), wire.mac_to_str(OWN_MAC))
