@@ -206,7 +206,7 @@ def test_source_ports_flag_env_and_bounds() -> None:
     assert parse_args([], {}).source_ports == 8
     assert parse_args(["--source-ports", "0"], {}).source_ports == 0
     assert parse_args([], {"FLANNELD_SOURCE_PORTS": "16"}).source_ports == 16
-    with pytest.raises(FlagError, match="--source-ports must be in 0..64, got 65"):
+    with pytest.raises(FlagError, match=r"--source-ports must be in 0\.\.64, got 65"):
         parse_args(["--source-ports", "65"], {})
-    with pytest.raises(ConfigError, match="source_ports must be in 0..64"):
+    with pytest.raises(ConfigError, match=r"source_ports must be in 0\.\.64"):
         EngineConfig(NET("10.244.1.0/24"), ADDR("10.10.1.1"), OWN_MAC, source_ports=-1)
