@@ -1,7 +1,7 @@
 """The debug endpoints of the agent and of `flannelette engine` (served by HealthServer).
 
 - ``/debug/node``: the node as explain and inject see it (lease, peers with paths,
-  VtepMAC, VNI, port, MTU, TUN), JSON.
+  VtepMAC, VNI, port, MTU, TUN; on an agent the config generation), JSON.
 - ``/debug/drops[?reason=R]``: the flight recorder's records (bytes as hex), JSON.
 - ``/debug/capture?side=&count=&duration=&filter=&peer=&verdict=&reason=&direction=``:
   a live pcapng stream (outer frames on interface "outer", inner packets on
@@ -32,14 +32,15 @@ from typing import TYPE_CHECKING, Any
 
 from control import netlink
 from control.debugpcap import CaptureFile, drop_json, tap_json
-from control.explain import NodeView, Probe, explain, lookups_needed, peer_json
+from control.explain import NodeView, Probe, explain, lookups_needed
 from control.health import StreamHandler, response_head
 from control.reconcile import RouteLookup
+from control.statusdoc import ConfigGeneration
 from dataplane.bpf import FilterError, compile_filter
 from dataplane.engine import Engine
 from dataplane.errors import DataplaneError
 from dataplane.tap import SIDES, VERDICTS, TapFilter, TapRecord, TapSubscriber
-from dataplane.wire import VXLAN_PORT, DropReason, mac_from_str, mac_to_str
+from dataplane.wire import VXLAN_PORT, DropReason, mac_from_str
 from dataplane.workers import AnyEngine, EnginePool
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 
 EngineSource = Callable[[], Sequence[AnyEngine]]
 NodeSource = Callable[[], NodeView]
+GenerationSource = Callable[[], ConfigGeneration | None]
 RouteGet = Callable[[Sequence[ipaddress.IPv4Address]],
                     Mapping[ipaddress.IPv4Address, Sequence[RouteLookup] | None]]
 PCAPNG = "application/x-pcapng"
@@ -146,16 +148,8 @@ def probe(q: Mapping[str, str]) -> Probe:
 
 
 def node_json(node: NodeView, now: float) -> dict[str, Any]:
-    return {
-        "subnet": str(node.subnet) if node.subnet else None,
-        "public_ip": str(node.public_ip) if node.public_ip else None,
-        "vtep_mac": mac_to_str(node.vtep_mac) if node.vtep_mac else None,
-        "network": str(node.network) if node.network else None,
-        "backend": node.backend, "direct_routing": node.direct_routing, "tun": node.tun,
-        "vni": node.vni, "port": node.port, "mtu": node.mtu,
-        "check_inner_source": node.check_inner_source,
-        "peers": [peer_json(p, node, now) for p in node.peers],
-    }
+    """The ``/debug/node`` document."""
+    return node.to_json(now)
 
 
 def engine_node(engine: AnyEngine) -> NodeView:
@@ -171,8 +165,10 @@ def supervisor_engines(dp: Supervisor) -> list[AnyEngine]:
     return [dp.engine] if isinstance(dp.engine, (Engine, EnginePool)) else []
 
 
-def supervisor_node(dp: Supervisor, watcher: PeerWatcher | None) -> NodeView:
-    """An agent's view: its lease, network config, peers with paths and their lease expiry."""
+def supervisor_node(dp: Supervisor, watcher: PeerWatcher | None,
+                    generation: ConfigGeneration | None = None) -> NodeView:
+    """An agent's view: its lease, network config (and its generation, from the config
+    follower), peers with paths and their lease expiry."""
     engine = dp.engine if isinstance(dp.engine, (Engine, EnginePool)) else None
     b = dp.config.backend
     leases = watcher.peers if watcher is not None else {}
@@ -184,14 +180,16 @@ def supervisor_node(dp: Supervisor, watcher: PeerWatcher | None) -> NodeView:
         tun=engine.tun_name if engine is not None else None,
         vni=engine.config.vni if engine is not None else (b.vni or 1),
         port=engine.config.port if engine is not None else VXLAN_PORT, mtu=dp.mtu,
-        check_inner_source=engine.config.check_inner_source if engine is not None else True)
+        check_inner_source=engine.config.check_inner_source if engine is not None else True,
+        generation=generation)
 
 
-def agent_streams(dp: Supervisor, watcher: Callable[[], PeerWatcher | None]
-                  ) -> dict[str, StreamHandler]:
-    """The debug routes of an agent (``watcher`` gives the peer watch once it exists)."""
+def agent_streams(dp: Supervisor, watcher: Callable[[], PeerWatcher | None],
+                  generation: GenerationSource = lambda: None) -> dict[str, StreamHandler]:
+    """The debug routes of an agent (``watcher`` gives the peer watch once it exists,
+    ``generation`` the config follower's :attr:`~control.follower.ConfigFollower.generation`)."""
     return DebugApi(lambda: supervisor_engines(dp),
-                    lambda: supervisor_node(dp, watcher())).streams()
+                    lambda: supervisor_node(dp, watcher(), generation())).streams()
 
 
 class DebugApi:

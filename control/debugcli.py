@@ -18,9 +18,11 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import IO, Any
 
 from control.debugpcap import CaptureFile, drop_from_json, inner_of
+from control.explain import config_text
 from dataplane.wire import VXLAN_PORT, DropReason
 
 REASONS = tuple(r.value for r in DropReason)
@@ -28,6 +30,14 @@ REASONS = tuple(r.value for r in DropReason)
 
 class DebugError(RuntimeError):
     """The node is unreachable or refused the request; the message is one line for the user."""
+
+
+class NodeRefused(DebugError):
+    """The node answered, with an HTTP error ``status`` (400: a parameter it refuses)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 # ---- HTTP --------------------------------------------------------------------------------------
@@ -53,7 +63,7 @@ def open_stream(host: str, port: int, path: str, params: Mapping[str, object],
         conn.close()
         if resp.status == 404:
             body = f"{path} not found: the node runs a flannelette without debug endpoints"
-        raise DebugError(f"the node answered HTTP {resp.status}: {body}")
+        raise NodeRefused(resp.status, f"the node answered HTTP {resp.status}: {body}")
     if stream and sock is not None:
         sock.settimeout(None)  # a quiet capture may wait long for its next packet
     return resp
@@ -427,8 +437,10 @@ def explain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vni", type=int, default=None, help="received datagram's VNI")
     p.add_argument("--inner-dst-mac", default=None, help="received datagram's inner dst MAC")
     p.add_argument("--pcap", default=None, metavar="FILE",
-                   help="explain every packet of a pcap/pcapng file (VXLAN ones as received)")
-    p.add_argument("--max-packets", type=int, default=1000, help="with --pcap (default 1000)")
+                   help="explain every packet of a pcap/pcapng file (VXLAN datagrams as "
+                        "received, or as sent when they come from the node's PublicIP)")
+    p.add_argument("--max-packets", type=int, default=1000,
+                   help="with --pcap: read at most N packets (default 1000)")
     p.add_argument("--json", action="store_true", help="the explanation as JSON")
 
 
@@ -448,9 +460,55 @@ def render_explanation(doc: Mapping[str, Any]) -> str:
     return "\n".join([*lines, verdict])
 
 
-def pcap_probes(path: str, limit: int) -> list[dict[str, object]]:
-    """Explain parameters for each IPv4 packet of a capture (VXLAN ones as received)."""
-    from scapy.layers.inet import ICMP, IP, TCP, UDP
+@dataclass(frozen=True)
+class PcapPacket:
+    """One packet of a capture as ``explain --pcap`` sees it: a one-line summary and the
+    /debug/explain query for it, or (``params`` None) why it is not explained."""
+
+    number: int
+    what: str
+    params: dict[str, object] | None = None
+    skip: str | None = None
+
+
+def _inner_params(ip: Any) -> tuple[str, dict[str, object]]:
+    """Summary and explain query of an IPv4 packet (scapy ``IP``) as its headers say it."""
+    from scapy.layers.inet import TCP, UDP
+
+    params: dict[str, object] = {"src": ip.src, "dst": ip.dst, "size": ip.len}
+    fragment = bool(ip.frag or ip.flags.MF)
+    l4 = ip.payload if not ip.frag else None
+    src, dst = str(ip.src), str(ip.dst)
+    if ip.proto == 6:
+        params["proto"], label = "tcp", "tcp"
+        if isinstance(l4, TCP):
+            params |= {"sport": l4.sport, "dport": l4.dport}
+            src, dst = f"{src}:{l4.sport}", f"{dst}:{l4.dport}"
+    elif ip.proto == 17:
+        params["proto"], label = "udp", "udp"
+        if isinstance(l4, UDP):
+            params |= {"sport": l4.sport, "dport": l4.dport}
+            src, dst = f"{src}:{l4.sport}", f"{dst}:{l4.dport}"
+    else:
+        # explain's path depends on the protocol only for TCP (checksums, segmentation)
+        params["proto"] = "icmp"
+        label = "icmp" if ip.proto == 1 else f"ip proto {ip.proto}"
+    return f"{label} {src} > {dst}" + (" fragment" if fragment else ""), params
+
+
+def pcap_packets(path: str, limit: int, *, port: int = VXLAN_PORT,
+                 own_ips: Sequence[str] = ()) -> list[PcapPacket]:
+    """What ``explain --pcap`` asks the node for each packet of a pcap/pcapng file.
+
+    A UDP datagram to ``port`` (the node's VXLAN port) is a VXLAN datagram: sent by
+    us (its source is one of ``own_ips``, the node's PublicIP) it is explained as its
+    inner packet leaving this node; from anyone else as received from that address,
+    with its VNI and inner destination MAC. Any other IPv4 packet is explained as
+    sent by a container (or the host). Packets explain cannot take (not IPv4, VXLAN
+    not carrying IPv4, a broken inner header) get ``skip``: the reason.
+    """
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
     from scapy.layers.vxlan import VXLAN
     from scapy.utils import rdpcap
 
@@ -460,54 +518,106 @@ def pcap_probes(path: str, limit: int) -> list[dict[str, object]]:
         raise DebugError(f"cannot read {path}: {exc}") from None
     except Exception as exc:  # scapy's Scapy_Exception for a file that is no capture
         raise DebugError(f"cannot read {path}: {exc}") from None
-    out: list[dict[str, object]] = []
-    for pkt in packets:
-        params: dict[str, object] = {}
+    out: list[PcapPacket] = []
+    for n, pkt in enumerate(packets, 1):
         ip = pkt.getlayer(IP)
         if ip is None:
-            out.append({})
+            out.append(PcapPacket(n, pkt.summary(), skip="not an IPv4 packet"))
             continue
-        if VXLAN in pkt and pkt[VXLAN].getlayer(IP) is not None:
-            params["outer_src"] = ip.src
-            params["vni"] = pkt[VXLAN].vni
-            ip = pkt[VXLAN].getlayer(IP)
-        params |= {"src": ip.src, "dst": ip.dst, "size": ip.len}
-        if TCP in ip:
-            params |= {"proto": "tcp", "sport": ip[TCP].sport, "dport": ip[TCP].dport}
-        elif UDP in ip:
-            params |= {"proto": "udp", "sport": ip[UDP].sport, "dport": ip[UDP].dport}
-        elif ICMP in ip:
-            params["proto"] = "icmp"
-        else:
-            params["proto"] = "icmp"  # explain's path does not depend on other protocols
-        out.append(params)
+        udp = ip.payload if ip.proto == 17 and not ip.frag else None
+        if not isinstance(udp, UDP) or udp.dport != port:
+            if ip.len < ip.ihl * 4 or ip.ihl < 5:
+                out.append(PcapPacket(n, f"IPv4 {ip.src} > {ip.dst}", skip=(
+                    f"IPv4 header length {ip.ihl * 4} / total length {ip.len} are broken: "
+                    "the engine drops it as bad_ipv4_header")))
+                continue
+            what, params = _inner_params(ip)
+            out.append(PcapPacket(n, what, params))
+            continue
+        payload = bytes(udp.payload)
+        sent = str(ip.src) in own_ips
+        where = f"VXLAN to {ip.dst}, as sent" if sent else f"VXLAN from {ip.src}"
+        if len(payload) < 8 + 14:
+            out.append(PcapPacket(n, f"udp {ip.src} > {ip.dst}:{port} ({where})", skip=(
+                f"{len(payload)} bytes are no VXLAN header and inner Ethernet: the receiver "
+                "drops it as truncated")))
+            continue
+        vx = VXLAN(payload)
+        eth = vx.getlayer(Ether)
+        inner = vx.getlayer(IP)
+        if eth is None or inner is None:
+            etype = f"EtherType {eth.type:#06x}" if eth is not None else "no Ethernet frame"
+            out.append(PcapPacket(n, f"udp {ip.src} > {ip.dst}:{port} ({where})", skip=(
+                f"it carries {etype}, not IPv4: explain covers IPv4 packets (the engine "
+                "answers ARP requests for its own subnet itself)")))
+            continue
+        if inner.len < inner.ihl * 4 or inner.ihl < 5:
+            out.append(PcapPacket(n, f"IPv4 {inner.src} > {inner.dst} ({where})", skip=(
+                f"inner IPv4 header length {inner.ihl * 4} / total length {inner.len} are "
+                "broken: the engine drops it as bad_ipv4_header")))
+            continue
+        what, params = _inner_params(inner)
+        if not sent:
+            params |= {"outer_src": ip.src, "vni": vx.vni, "inner_dst_mac": eth.dst}
+        out.append(PcapPacket(n, f"{what} ({where})", params))
     return out
+
+
+def _explain_pcap(args: argparse.Namespace) -> int:
+    host, port, t = args.healthz_ip, args.healthz_port, args.timeout
+    if args.max_packets < 1:
+        raise DebugError("--max-packets must be >= 1")
+    node = get_json(host, port, "/debug/node", {}, t)
+    own = [str(node["public_ip"])] if node.get("public_ip") else []
+    packets = pcap_packets(args.pcap, args.max_packets, port=int(node.get("port") or
+                                                                   VXLAN_PORT), own_ips=own)
+    if not args.json:
+        who = node.get("subnet") or node.get("public_ip") or "this node"
+        print(f"explain --pcap {args.pcap}: {len(packets)} packets, as {who} would handle "
+              "them now")
+        if node.get("config"):
+            print(f"config: {config_text(node, time.time())}")
+    cache: dict[tuple[tuple[str, object], ...], dict[str, Any]] = {}
+    tally: dict[str, int] = {}
+    for pk in packets:
+        doc: dict[str, Any] | None = None
+        skip = pk.skip
+        if pk.params is not None:
+            key = tuple(sorted(pk.params.items()))
+            if key not in cache:
+                try:
+                    cache[key] = get_json(host, port, "/debug/explain", pk.params, t)
+                except NodeRefused as exc:
+                    if exc.status != 400:
+                        raise
+                    cache[key] = {"verdict": None, "reason": str(exc)}
+            doc = cache[key]
+            if doc.get("verdict") is None:
+                skip, doc = str(doc.get("reason")), None
+        verdict = str(doc.get("verdict")) if doc is not None else "not explained"
+        tally[verdict] = tally.get(verdict, 0) + 1
+        if args.json:
+            line = ({"packet": pk.number, "what": pk.what, **doc} if doc is not None else
+                    {"packet": pk.number, "what": pk.what, "verdict": None, "reason": skip})
+            print(json.dumps(line))
+            continue
+        if doc is None:
+            print(f"#{pk.number} {pk.what}: not explained: {skip}")
+            continue
+        peer = doc.get("peer") or {}
+        to = f" peer {peer.get('subnet')} ({peer.get('public_ip')})" if peer else ""
+        why = f": {doc['reason']}" if doc.get("reason") else ""
+        print(f"#{pk.number} {pk.what}: {verdict}{to}{why}")
+    if not args.json:
+        print("(" + ", ".join(f"{k} {v}" for k, v in sorted(tally.items())) + ")"
+              if tally else "(no packets)")
+    return 0
 
 
 def _explain(args: argparse.Namespace) -> int:
     host, port, t = args.healthz_ip, args.healthz_port, args.timeout
     if args.pcap:
-        cache: dict[tuple[tuple[str, object], ...], dict[str, Any]] = {}
-        for n, params in enumerate(pcap_probes(args.pcap, args.max_packets), 1):
-            if not params:
-                line = {"packet": n, "verdict": None, "reason": "not IPv4"}
-                print(json.dumps(line) if args.json else f"#{n} not an IPv4 packet")
-                continue
-            key = tuple(sorted(params.items()))
-            if key not in cache:
-                cache[key] = get_json(host, port, "/debug/explain", params, t)
-            doc = cache[key]
-            if args.json:
-                print(json.dumps({"packet": n, **doc}))
-                continue
-            what = f"{params['proto']} {params['src']} > {params['dst']}"
-            if params.get("outer_src"):
-                what += f" (VXLAN from {params['outer_src']})"
-            peer = doc.get("peer") or {}
-            to = f" peer {peer.get('subnet')} ({peer.get('public_ip')})" if peer else ""
-            why = f": {doc['reason']}" if doc.get("reason") else ""
-            print(f"#{n} {what}: {doc.get('verdict')}{to}{why}")
-        return 0
+        return _explain_pcap(args)
     if not args.src or not args.dst:
         raise DebugError("give --src and --dst (or --pcap FILE)")
     params = {"src": args.src, "dst": args.dst, "proto": args.proto, "dport": args.dport,

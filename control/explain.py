@@ -10,7 +10,11 @@ source) in the engine's order, then where the decapsulated packet goes.
 
 Everything comes in as values: the node (:class:`NodeView`), the probe, and the
 kernel's answers to ``ip route get`` for the addresses :func:`lookups_needed`
-names (the caller asks netlink); the verdict is one of :data:`VERDICTS`.
+names (the caller asks netlink); the verdict is one of :data:`VERDICTS`. On an
+agent the node carries the config generation (``NodeView.generation``: the etcd
+revision of ``<prefix>/config`` the dataplane runs, the changes applied since
+start, whether a newer value is waiting), and the first step names it, so each
+decision can be traced to the config that produced it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from control.reconcile import RouteLookup
+from control.statusdoc import ConfigGeneration
 from dataplane.fib import Path, Peer
 from dataplane.wire import VXLAN_PORT, DropReason, mac_to_str
 
@@ -36,7 +41,8 @@ class NodeView:
     """What explain needs of a node: its lease, peers (with paths) and engine settings.
 
     ``tun`` is the engine's TUN device (None: no userspace engine, e.g. host-gw);
-    ``network`` is None for a standalone engine (no flannel network config).
+    ``network`` is None for a standalone engine (no flannel network config), and so
+    is ``generation`` (which version of the network config the node runs).
     """
 
     subnet: ipaddress.IPv4Network | None
@@ -52,9 +58,24 @@ class NodeView:
     port: int = VXLAN_PORT
     mtu: int = 1450
     check_inner_source: bool = True
+    generation: ConfigGeneration | None = None
 
     def peer_for(self, addr: ipaddress.IPv4Address) -> Peer | None:
         return next((p for p in self.peers if addr in p.subnet), None)
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        """The node as ``/debug/node`` serves it (and :func:`config_text` reads it)."""
+        return {
+            "subnet": str(self.subnet) if self.subnet else None,
+            "public_ip": str(self.public_ip) if self.public_ip else None,
+            "vtep_mac": mac_to_str(self.vtep_mac) if self.vtep_mac else None,
+            "network": str(self.network) if self.network else None,
+            "backend": self.backend, "direct_routing": self.direct_routing, "tun": self.tun,
+            "vni": self.vni, "port": self.port, "mtu": self.mtu,
+            "check_inner_source": self.check_inner_source,
+            "config": self.generation.to_json() if self.generation is not None else None,
+            "peers": [peer_json(p, self, now) for p in self.peers],
+        }
 
 
 @dataclass(frozen=True)
@@ -101,7 +122,8 @@ class Explanation:
     def to_json(self, node: NodeView, now: float) -> dict[str, Any]:
         return {"verdict": self.verdict, "direction": self.direction,
                 "peer": peer_json(self.peer, node, now) if self.peer else None,
-                "reason": self.reason, "steps": self.steps}
+                "reason": self.reason, "steps": self.steps,
+                "config": node.generation.to_json() if node.generation is not None else None}
 
 
 def peer_json(peer: Peer, node: NodeView, now: float) -> dict[str, Any]:
@@ -143,11 +165,83 @@ def _lease_text(peer: Peer, node: NodeView, now: float) -> str:
             f"path {peer.path.value}, {kind}{lease}")
 
 
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{max(seconds, 0):.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def generation_text(gen: Mapping[str, Any], now: float) -> str:
+    """One line for a config generation as JSON (``ConfigGeneration.to_json``, in /status,
+    /debug/node and explain's ``config``): key, etcd revision, when taken, changes
+    applied since start, and what became of the newest value seen in etcd."""
+    api = gen.get("etcd_api")
+    unit = f"etcd {api} index" if api == "v2" else f"etcd {api} revision" if api else "etcd"
+    rev, latest_rev = gen.get("revision"), gen.get("latest_revision")
+    if rev is not None:
+        at = f"at {unit} {rev}" if gen.get("revision_exact") else f"as read at {unit} {rev}"
+    elif latest_rev is not None:
+        at = f"as read at start-up, before {unit} {latest_rev}"
+    else:
+        at = "(revision not read yet)"
+    text = f"{gen.get('key')} {at}"
+    taken = gen.get("taken_at")
+    if isinstance(taken, (int, float)):
+        text += f", taken {_ago(now - taken)} ago"
+    n = int(gen.get("applied_changes") or 0)
+    text += (", no change applied since start" if n == 0 else
+             f", {n} change{'s' if n != 1 else ''} applied since start")
+    latest = gen.get("latest")
+    newest = f"the newest value ({unit} {latest_rev})" if latest_rev is not None else \
+        "the newest value"
+    note = f": {gen['note']}" if gen.get("note") else ""
+    if latest == "running" and latest_rev is not None:
+        tail = "the newest value seen in etcd" + (f" ({gen['note']})" if note else "")
+    elif latest == "running":
+        tail = "etcd not read since start"
+    elif latest == "same":
+        tail = f"{newest} changes nothing this node uses"
+    elif latest == "rejected":
+        tail = f"NOT the newest: {newest} was rejected, this one kept{note}"
+    elif latest == "deleted":
+        tail = f"NOT the newest: the key was deleted ({unit} {latest_rev}), this one kept"
+    else:
+        tail = f"NOT the newest: {newest} was not applied{note}"
+    return f"{text}; {tail}"
+
+
+def config_text(node: Mapping[str, Any], now: float) -> str:
+    """The network config a node runs, from its JSON (:meth:`NodeView.to_json`): backend
+    and the settings the dataplane is built with, then :func:`generation_text`."""
+    backend = str(node.get("backend"))
+    if backend == "vxlan" and node.get("direct_routing"):
+        backend = "vxlan + DirectRouting"
+    parts = [f"backend {backend}"]
+    if str(node.get("backend")).startswith("vxlan"):
+        parts.append(f"VNI {node.get('vni')}, port {node.get('port')}")
+    parts.append(f"MTU {node.get('mtu')}")
+    if node.get("network"):
+        parts.append(f"Network {node['network']}")
+    gen = node.get("config")
+    if not isinstance(gen, Mapping):
+        return f"{', '.join(parts)}; config generation not known"
+    return f"{', '.join(parts)}; from {generation_text(gen, now)}"
+
+
 def explain(node: NodeView, probe: Probe, lookups: Lookups, now: float) -> Explanation:
-    """The decision path for ``probe`` on ``node``, given the kernel's route lookups."""
+    """The decision path for ``probe`` on ``node``, given the kernel's route lookups; the
+    first step names the config generation when the node has one."""
     if probe.outer_src is not None:
-        return _explain_rx(node, probe, probe.outer_src, lookups, now)
-    return _explain_tx(node, probe, lookups, now)
+        ex = _explain_rx(node, probe, probe.outer_src, lookups, now)
+    else:
+        ex = _explain_tx(node, probe, lookups, now)
+    if node.generation is not None:
+        g = node.generation
+        ex.steps.insert(0, {"step": "config", "detail": config_text(node.to_json(now), now),
+                            "revision": g.revision, "current": g.current})
+    return ex
 
 
 def _step(ex: Explanation, name: str, detail: str, **data: Any) -> None:

@@ -6,15 +6,19 @@ pure :func:`control.reconfig.plan_change`; an applied change is carried out by
 running its :attr:`~control.reconfig.ConfigChange.steps` in the order given,
 nothing re-derived here. The dataplane steps run on the supervisor, inside its
 :meth:`~control.supervisor.Supervisor.exclusive` section, so no peer round or
-subnet move interleaves with a switch.
+subnet move interleaves with a switch. :attr:`ConfigFollower.generation` says
+which version of the key the node runs (etcd revision, changes applied, whether
+the newest value seen is running), for /status and ``flannelette explain``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
+from collections.abc import Callable
 
 from control.backoff import Backoff
 from control.config import BackendType
@@ -22,6 +26,7 @@ from control.errors import ConfigNotFound, RegistryUnavailable, ResyncRequired
 from control.keeper import LeaseKeeper
 from control.reconfig import Action, ConfigChange, Step, backend_label, plan_change
 from control.registry import ConfigWatch, EtcdOptions, Registry, discover
+from control.statusdoc import ConfigGeneration
 from control.supervisor import Supervisor
 from control.watch import PeerWatcher
 from dataplane.errors import DataplaneError
@@ -60,7 +65,7 @@ class ConfigFollower:
 
     def __init__(self, registry: Registry, dataplane: Supervisor, keeper: LeaseKeeper,
                  watcher: PeerWatcher, *, key: str, iface_mtu: int,
-                 watch_timeout: float = 10.0) -> None:
+                 watch_timeout: float = 10.0, clock: Callable[[], float] = time.time) -> None:
         self._registry = registry
         self._dp = dataplane
         self._keeper = keeper
@@ -68,6 +73,15 @@ class ConfigFollower:
         self._key = key
         self._iface_mtu = iface_mtu
         self._watch_timeout = watch_timeout
+        self._clock = clock  # Unix time, for ConfigGeneration.taken_at
+        # The dataplane runs the start-up value from now on; its revision comes with the
+        # first read of the key in run().
+        self._generation = ConfigGeneration(key=key, api=registry.api, taken_at=clock())
+
+    @property
+    def generation(self) -> ConfigGeneration:
+        """The version of the config key the node runs, as far as this follower knows."""
+        return self._generation
 
     async def run(self, text: str) -> None:
         """Forever: watch the key (``text`` is what we started with) and apply each
@@ -79,14 +93,16 @@ class ConfigFollower:
         backoff = Backoff(base=0.5, cap=5.0)
         cursor: int | None = None
         current: str | None = text
+        first = True
         while True:
             try:
                 if cursor is None:
                     value, cursor = await registry.get_config_rev()
-                    changed = value != current
+                    changed, exact = value != current, False
                 else:
                     event = await registry.watch_config(cursor, self._watch_timeout)
                     cursor, value, changed = event.cursor, event.value, event.changed
+                    exact = True
                 backoff.success()
             except ResyncRequired:
                 cursor = None
@@ -95,18 +111,56 @@ class ConfigFollower:
                 cursor = None
                 await asyncio.sleep(backoff.failure(time.monotonic()))
                 continue
+            if first and not changed:  # the value we started with, as of this read
+                self._generation = dataclasses.replace(self._generation, revision=cursor,
+                                                       latest_revision=cursor)
+            first = False
             if changed:
                 current = value
-                try:
-                    await self.apply(value)
-                except Exception as exc:  # a failed switch must not end the node
-                    log.error("applying the new network config failed: %s: %s",
-                              type(exc).__name__, exc)
+                await self.follow(value, cursor, exact=exact)
+
+    async def follow(self, text: str | None, revision: int, *, exact: bool
+                     ) -> ConfigChange | None:
+        """:meth:`apply` the value of the key at etcd ``revision`` and record the outcome in
+        :attr:`generation`; None if applying it raised (logged: a failed switch must not
+        end the node)."""
+        change: ConfigChange | None = None
+        failure: str | None = None
+        try:
+            change, failure = await self._apply(text)
+        except Exception as exc:
+            failure = f"applying it failed: {type(exc).__name__}: {exc}"
+            log.error("applying the new network config failed: %s: %s",
+                      type(exc).__name__, exc)
+        g = dataclasses.replace(self._generation, latest_revision=revision, latest_exact=exact)
+        if change is not None and change.action is Action.NONE:
+            g = dataclasses.replace(g, latest="same", note=change.message)
+        elif change is not None and change.action is Action.REJECT:
+            g = dataclasses.replace(g, latest="rejected", note=change.message)
+        elif change is not None and change.action is Action.DELETED:
+            g = dataclasses.replace(g, latest="deleted", note=change.message)
+        elif change is not None and self._dp.config == change.config:
+            # Taken (TAKE_CONFIG ran), even if a later step failed: the node runs it now.
+            g = dataclasses.replace(g, revision=revision, revision_exact=exact,
+                                    applied=g.applied + 1, taken_at=self._clock(),
+                                    latest="running",
+                                    note=(f"applied, but {failure}" if failure else None))
+        else:
+            g = dataclasses.replace(g, latest="failed",
+                                    note=failure or "not applied (see the agent's log)")
+        self._generation = g
+        return change
 
     async def apply(self, text: str | None) -> ConfigChange:
         """One new config value (None: the key was deleted): plan, log, carry it out."""
+        change, _ = await self._apply(text)
+        return change
+
+    async def _apply(self, text: str | None) -> tuple[ConfigChange, str | None]:
+        """:meth:`apply`, and why an applied change was not carried out (None: it was)."""
         change = plan_change(self._dp.config, text, own_subnet=self._keeper.subnet,
                              iface_mtu=self._iface_mtu, key=self._key)
+        failure: str | None = None
         if change.action is Action.NONE:
             log.debug("%s", change.message)
         elif change.action is Action.DELETED:
@@ -116,11 +170,12 @@ class ConfigFollower:
         else:
             log.info("%s", change.message)
             async with self._dp.exclusive():
-                await self._carry_out(change)
-        return change
+                failure = await self._carry_out(change)
+        return change, failure
 
-    async def _carry_out(self, change: ConfigChange) -> None:
-        """Run ``change.steps`` in order; a failed engine start keeps the running config."""
+    async def _carry_out(self, change: ConfigChange) -> str | None:
+        """Run ``change.steps`` in order; a failed engine start keeps the running config
+        (and says so: the returned line; None when every step ran)."""
         dp, new = self._dp, change.config
         mtu = change.mtu if change.mtu is not None else dp.mtu
         for step in change.steps:
@@ -130,11 +185,11 @@ class ConfigFollower:
                 try:
                     await dp.start_engine(new, mtu)
                 except (DataplaneError, OSError) as exc:
+                    running = backend_label(dp.config.backend)
                     log.error("cannot apply the new network config: the VXLAN engine did not "
-                              "start: %s; keeping backend %s", exc,
-                              backend_label(dp.config.backend))
+                              "start: %s; keeping backend %s", exc, running)
                     await self._restore()
-                    return
+                    return f"the VXLAN engine did not start: {exc}; kept backend {running}"
             elif step is Step.TAKE_CONFIG:
                 dp.take_config(new, mtu)
                 # The same lease value again: no write, but the keeper re-acquires under
@@ -148,6 +203,7 @@ class ConfigFollower:
                 await dp.program_routes()
             elif step is Step.REPUBLISH_LEASE:
                 await self._keeper.republish(dp.lease_attrs(), new)
+        return None
 
     async def _restore(self) -> None:
         """After a failed engine start (TAKE_CONFIG not run yet): the running config's

@@ -1,10 +1,12 @@
 """The /status and /readyz documents, built from a frozen :class:`Snapshot` (pure).
 
 The agent copies what its parts know (lease keeper, peer watch, dataplane
-supervisor) into one :class:`Snapshot` per request; this module turns it into
-the JSON-ready documents, with ``now`` passed in, so every field is testable
-without root, etcd or a clock. /metrics is derived from the same status
+supervisor, config follower) into one :class:`Snapshot` per request; this module
+turns it into the JSON-ready documents, with ``now`` passed in, so every field is
+testable without root, etcd or a clock. /metrics is derived from the same status
 document (``control/metrics.py``), so no figure is assembled twice.
+:class:`ConfigGeneration` (which version of the network config the node runs)
+is also what ``flannelette explain`` shows (``control/explain.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,56 @@ from dataplane.stats import EngineStats
 from dataplane.wire import mac_to_str
 
 Document = dict[str, object]
+
+# What the agent did with the newest value of the config key it saw (ConfigGeneration.latest).
+LATEST_STATES = ("running", "same", "rejected", "deleted", "failed")
+LATEST_CURRENT = ("running", "same")  # the node runs the newest value, or what it says
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigGeneration:
+    """Which version of ``<prefix>/config`` the node runs, as its config follower knows it.
+
+    Revisions are etcd's: the v2 index or v3 revision of the change, exactly the
+    key's ``modifiedIndex`` / ``mod_revision`` when the value came from a watch
+    event; for a value read with a plain GET (at start-up, after a resync) the
+    store's index at that read (``*_exact`` False: the key was last written at or
+    before it). ``revision`` None: the follower has not read the key yet (or the
+    value the node started with is not the one it read). ``latest`` says what
+    the agent did with the newest value it saw (:data:`LATEST_STATES`):
+    ``running`` it is the running config, ``same`` it changes nothing this node
+    uses, ``rejected`` / ``deleted`` / ``failed`` the running config stayed
+    (``note`` says why). ``applied`` counts the changes applied in place since
+    the agent started; ``taken_at`` is the Unix time the running config was taken.
+    """
+
+    key: str
+    api: str | None = None  # "v2" or "v3"
+    revision: int | None = None
+    revision_exact: bool = False
+    applied: int = 0
+    taken_at: float | None = None
+    latest_revision: int | None = None
+    latest_exact: bool = False
+    latest: str = "running"
+    note: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.latest not in LATEST_STATES:
+            raise ValueError(f"latest must be one of {', '.join(LATEST_STATES)}, "
+                             f"got {self.latest!r}")
+
+    @property
+    def current(self) -> bool:
+        """The node runs the newest value of the key it saw (or one that says the same)."""
+        return self.latest in LATEST_CURRENT
+
+    def to_json(self) -> Document:
+        return {"key": self.key, "etcd_api": self.api, "revision": self.revision,
+                "revision_exact": self.revision_exact, "applied_changes": self.applied,
+                "taken_at": self.taken_at, "latest_revision": self.latest_revision,
+                "latest_exact": self.latest_exact, "latest": self.latest,
+                "current": self.current, "note": self.note}
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +117,7 @@ class Snapshot:
     lease_expires_at: float | None = None  # Unix time
     watch: WatchState | None = None  # None until the peer watch exists
     dataplane: DataplaneState = field(default_factory=DataplaneState)
+    config_generation: ConfigGeneration | None = None  # None: no config follower
 
 
 def _mac(mac: bytes | None) -> str | None:
@@ -121,6 +174,8 @@ def status(snap: Snapshot, now: float) -> Document:
             "reconnects": watch.reconnects if watch is not None else 0,
             "endpoints": list(snap.endpoints),
         },
+        "config": (snap.config_generation.to_json() if snap.config_generation is not None
+                   else None),
         "engine": engine,
         "reconcile": {"operations": dict(dp.route_operations)},
         "warnings": list(dp.warnings),
