@@ -106,11 +106,12 @@ async def run(opts: AgentOptions, stop: asyncio.Event) -> int:
                 vtep_mac=dp.vtep_mac, etcd_api=registry.api, endpoints=opts.etcd.endpoints,
                 lease=keeper.lease, lease_expires_at=keeper.expires_at,
                 watch=WatchState(w.connected, w.synced, w.reconnects, w.backoff.failing_since),
-                dataplane=dp.state())
+                dataplane=dp.state(), config_generation=follower.generation)
         server = None
         if opts.healthz_port:
             server = HealthServer(opts.healthz_ip, opts.healthz_port, document_routes(snapshot),
-                                  debugapi.agent_streams(dp, lambda: watcher))
+                                  debugapi.agent_streams(dp, lambda: watcher,
+                                                         lambda: follower.generation))
             await server.start()
             log.info("serving /healthz /readyz /status /metrics on %s:%d", opts.healthz_ip,
                      server.port)

@@ -158,7 +158,13 @@ def engine_node(engine: AnyEngine) -> NodeView:
     return NodeView(subnet=c.subnet, public_ip=c.public_ip, vtep_mac=c.vtep_mac,
                     backend="vxlan (standalone engine)", peers=engine.fib.peers,
                     tun=engine.tun_name, vni=c.vni, port=c.port, mtu=c.mtu,
-                    check_inner_source=c.check_inner_source)
+                    check_inner_source=c.check_inner_source,
+                    source_ports=engine_source_ports(engine))
+
+
+def engine_source_ports(engine: AnyEngine) -> tuple[int, ...] | None:
+    """An in-process engine's lane ports; None for a worker pool (each worker has its own)."""
+    return engine.source_ports if isinstance(engine, Engine) else None
 
 
 def supervisor_engines(dp: Supervisor) -> list[AnyEngine]:
@@ -181,7 +187,8 @@ def supervisor_node(dp: Supervisor, watcher: PeerWatcher | None,
         vni=engine.config.vni if engine is not None else (b.vni or 1),
         port=engine.config.port if engine is not None else VXLAN_PORT, mtu=dp.mtu,
         check_inner_source=engine.config.check_inner_source if engine is not None else True,
-        generation=generation)
+        generation=generation,
+        source_ports=engine_source_ports(engine) if engine is not None else ())
 
 
 def agent_streams(dp: Supervisor, watcher: Callable[[], PeerWatcher | None],

@@ -27,7 +27,7 @@ from typing import Any
 from control.reconcile import RouteLookup
 from control.statusdoc import ConfigGeneration
 from dataplane.fib import Path, Peer
-from dataplane.wire import VXLAN_PORT, DropReason, mac_to_str
+from dataplane.wire import VXLAN_PORT, DropReason, flow_lane, mac_to_str
 
 VERDICTS = ("direct", "vxlan", "dropped", "local", "no-route")
 PROTOS = ("icmp", "tcp", "udp")
@@ -59,6 +59,9 @@ class NodeView:
     mtu: int = 1450
     check_inner_source: bool = True
     generation: ConfigGeneration | None = None
+    # The engine's source lanes (ports in lane order): () = everything from ``port``;
+    # None = lanes whose ports are not known here (several workers, each its own).
+    source_ports: tuple[int, ...] | None = ()
 
     def peer_for(self, addr: ipaddress.IPv4Address) -> Peer | None:
         return next((p for p in self.peers if addr in p.subnet), None)
@@ -73,6 +76,8 @@ class NodeView:
             "backend": self.backend, "direct_routing": self.direct_routing, "tun": self.tun,
             "vni": self.vni, "port": self.port, "mtu": self.mtu,
             "check_inner_source": self.check_inner_source,
+            "source_ports": (list(self.source_ports) if self.source_ports is not None
+                             else None),
             "config": self.generation.to_json() if self.generation is not None else None,
             "peers": [peer_json(p, self, now) for p in self.peers],
         }
@@ -303,6 +308,30 @@ def _explain_tx(node: NodeView, probe: Probe, lookups: Lookups, now: float) -> E
     return ex
 
 
+def source_port(node: NodeView, probe: Probe) -> tuple[int | None, str]:
+    """The outer UDP source port the engine sends ``probe``'s flow from, and its text.
+
+    The engine picks a flow's lane by :func:`dataplane.wire.flow_lane` (addresses,
+    protocol and, for TCP/UDP, ports), so the port is known when the lanes are and,
+    for TCP/UDP, when both ports are given."""
+    lanes = node.source_ports
+    if lanes == ():
+        return node.port, str(node.port)
+    if lanes is None:
+        return None, "(the source port of the worker's lane for this flow)"
+    proto = {"icmp": 1, "tcp": 6, "udp": 17}[probe.proto]
+    ports = b""
+    if proto != 1:
+        if probe.sport is None or probe.dport is None:
+            return None, (f"(one of {', '.join(map(str, lanes))}, by the flow hash; give "
+                          "sport and dport to know which)")
+        ports = probe.sport.to_bytes(2, "big") + probe.dport.to_bytes(2, "big")
+    header = (b"\x45\x00\x00\x00\x00\x00\x00\x00\x40" + bytes([proto]) + b"\x00\x00"
+              + probe.src.packed + probe.dst.packed + ports)
+    port = lanes[flow_lane(header, 0, len(lanes)) - 1]
+    return port, f"{port} (the flow's source lane)"
+
+
 def _tx_engine(ex: Explanation, node: NodeView, probe: Probe, peer: Peer | None,
                lookups: Lookups, now: float) -> Explanation:
     _step(ex, "tun", f"into the TUN {node.tun}: the userspace VXLAN engine reads it")
@@ -323,12 +352,13 @@ def _tx_engine(ex: Explanation, node: NodeView, probe: Probe, peer: Peer | None,
     mac = mac_to_str(peer.vtep_mac) if peer.vtep_mac else "?"
     own_mac = mac_to_str(node.vtep_mac) if node.vtep_mac else "?"
     size = f", {probe.size + ENCAP} bytes on the wire" if probe.size else ""
+    sport, sport_text = source_port(node, probe)
     _step(ex, "outer headers",
-          f"IPv4 {node.public_ip} > {peer.public_ip} / UDP {node.port} > {node.port} / "
+          f"IPv4 {node.public_ip} > {peer.public_ip} / UDP {sport_text} > {node.port} / "
           f"VXLAN flags 0x08 VNI {node.vni} / Ethernet {own_mac} > {mac} type 0x0800 / "
           f"the inner packet (+{ENCAP} bytes{size})",
           outer_src=str(node.public_ip), outer_dst=str(peer.public_ip), udp_port=node.port,
-          vni=node.vni, inner_src_mac=own_mac, inner_dst_mac=mac)
+          udp_sport=sport, vni=node.vni, inner_src_mac=own_mac, inner_dst_mac=mac)
     out = lookups.get(peer.public_ip)
     _step(ex, "outer route", route_text(peer.public_ip, out))
     if probe.proto == "tcp":

@@ -239,6 +239,11 @@ class Engine:
 
     # ---- lifecycle --------------------------------------------------------------------
     @property
+    def source_ports(self) -> tuple[int, ...]:
+        """The lanes' outer source ports in lane order (empty: all from ``config.port``)."""
+        return tuple(self._lane_ports[1:])
+
+    @property
     def tun_name(self) -> str:
         return self._tun.name if self._tun is not None else self.config.device_name
 
