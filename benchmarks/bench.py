@@ -1,7 +1,7 @@
 """`flannelette bench`: every dataplane mode side by side, same topology, same traffic.
 
 Every mode gets its own, identical lab (see :mod:`benchmarks.modes`); all are set
-up first, then measured interleaved: warm-up and ping RTTs, iperf3 TCP with 1 and
+up first, then measured interleaved: warm-up, ping RTTs in rounds, iperf3 TCP with 1 and
 4 streams (each repetition visits every mode in turn), and a zero-loss UDP
 packet-rate search per payload size. Afterwards the control plane is measured at
 scale (:mod:`benchmarks.scale`). The results go to ``--out`` as JSON (the source
@@ -98,6 +98,8 @@ class ModeRun:
         self.procs: list[subprocess.Popen[Any]] = []
         self.tcp_runs: dict[int, list[traffic.TcpRun]] = {s: [] for s in plan.streams}
         self.udp_searches: dict[int, list[traffic.RateSearch]] = {p: [] for p in plan.payloads}
+        self.rtts: list[float] = []  # every ping round's RTTs (ms), pooled
+        self.pings_sent = 0
 
     @property
     def ok(self) -> bool:
@@ -162,15 +164,25 @@ class ModeRun:
                                  streams=streams, seconds=seconds,
                                  dataplane_sessions=[p.pid for p in self.procs])
 
-    def warmup_and_ping(self) -> None:
+    def warmup(self) -> None:
         assert self.pair is not None
         self._tcp(1, self.plan.warmup_seconds)
+        self.log(f"  {self.mode.name}: warm-up done")
+
+    def ping_round(self, count: int) -> None:
+        """``count`` pings on the idle path; the RTTs of all rounds are pooled."""
+        assert self.pair is not None
         rtts = traffic.ping_rtts(self.lab, self.pair.client_ns, self.pair.server_ip,
-                                 count=self.plan.ping_count, interval=self.plan.ping_interval_s)
-        self.entry["ping"] = {"sent": self.plan.ping_count, "received": len(rtts),
-                              "p50_ms": report.percentile(rtts, 50) if rtts else None,
-                              "p99_ms": report.percentile(rtts, 99) if rtts else None}
-        self.log(f"  {self.mode.name}: warm-up done; ping p50 {self.entry['ping']['p50_ms']} ms")
+                                 count=count, interval=self.plan.ping_interval_s)
+        self.rtts.extend(rtts)
+        self.pings_sent += count
+        pooled = self.rtts
+        self.entry["ping"] = {"sent": self.pings_sent, "received": len(pooled),
+                              "p50_ms": report.percentile(pooled, 50) if pooled else None,
+                              "p99_ms": report.percentile(pooled, 99) if pooled else None,
+                              "rounds": self.entry.get("ping", {}).get("rounds", 0) + 1}
+        self.log(f"  {self.mode.name}: ping round p50 "
+                 f"{report.percentile(rtts, 50) if rtts else None} ms")
 
     def tcp_rep(self) -> None:
         for s in self.plan.streams:
@@ -255,7 +267,15 @@ def run_modes(modes: list[Mode], plan: Plan, log: Callable[[str], None],
             log(f"== {r.mode.name}: {r.mode.description}")
             r.phase(functools.partial(r.setup, log_dir))
         for r in runs:
-            r.phase(r.warmup_and_ping)
+            r.phase(r.warmup)
+        # Pings in rounds, every mode in turn: the RTT of an idle path swings with what
+        # the rest of the host does (a cold wake-up of a halted vCPU), so one block per
+        # mode would hand one mode a quiet minute and another a busy one.
+        rounds = max(1, min(plan.reps * 2, plan.ping_count // 25))
+        for k in range(rounds):
+            count = plan.ping_count // rounds + (1 if k < plan.ping_count % rounds else 0)
+            for r in runs:
+                r.phase(functools.partial(r.ping_round, count))
         for rep in range(plan.reps):
             log(f"== TCP repetition {rep + 1}/{plan.reps}")
             for r in runs:
