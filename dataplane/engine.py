@@ -486,10 +486,11 @@ class Engine:
                 if route is None:
                     self._unreachable(ip, plen)
                     continue
-                if lanes:  # inlined for the common unfragmented TCP/IPv4 packet
-                    if buf[ip] == 0x45 and buf[ip + 9] == 6 and not (buf[ip + 6] & 0x3F
-                                                                       | buf[ip + 7]):
-                        lane = 1 + crc32(view[ip + 12:ip + 24], 6) % lanes
+                if lanes:  # wire.flow_lane, inlined for unfragmented TCP/UDP without options
+                    pr = buf[ip + 9]
+                    if (buf[ip] == 0x45 and (pr == 6 or pr == 17)
+                            and not (buf[ip + 6] & 0x3F | buf[ip + 7])):
+                        lane = 1 + crc32(view[ip + 12:ip + 24], pr) % lanes
                     else:
                         lane = lane_of(buf, ip, lanes)
                 g = gsos[i]

@@ -105,6 +105,24 @@ def test_each_flow_leaves_from_its_lane_and_runs_split_where_the_lane_changes() 
     assert len({s.gso_call for s in tail}) == 1 and tail[0].gso_call > 0
 
 
+def test_udp_options_and_fragments_take_the_lane_flow_lane_gives() -> None:
+    """The tx loop's inlined hash (TCP/UDP, 20-byte header) and the general one agree."""
+    e, tun, udp = engine(lanes=5)
+    pkts = [bytes(IP(src="10.244.1.2", dst="10.244.2.2") / UDP(sport=6000 + k, dport=53)
+                  / (b"q" * 30)) for k in range(8)]
+    pkts += [bytes(IP(src="10.244.1.2", dst="10.244.2.2", options=[b"\x01" * 4])
+                   / TCP(sport=7000 + k, dport=80)) for k in range(4)]
+    pkts += [bytes(IP(src="10.244.1.2", dst="10.244.2.2", flags="MF", proto=17) / (b"f" * 64)),
+             bytes(IP(src="10.244.1.2", dst="10.244.2.2") / ICMP())]
+    for p in pkts:
+        tun.queue_packet(p)
+    e.tun_readable()
+    assert len(udp.sent) == len(pkts)
+    for p, s in zip(pkts, udp.sent, strict=True):
+        assert s.sport == 40000 + wire.flow_lane(p, 0, 5)
+    assert len({s.sport for s in udp.sent[:8]}) >= 3
+
+
 def test_a_flow_keeps_its_port_on_the_tunnel_gso_path_and_the_socket_path() -> None:
     """A flow's super-packets (to the TAP) and its small packets (to a lane socket) share
     one source port, so a receiver spreading by 4-tuple keeps the flow on one queue."""
