@@ -471,6 +471,14 @@ class PcapPacket:
     skip: str | None = None
 
 
+def _broken_ipv4(ip: Any, which: str) -> str | None:
+    """Why an IPv4 header's lengths are impossible (the engine's bad_ipv4_header), or None."""
+    if ip.len < ip.ihl * 4 or ip.ihl < 5:
+        return (f"{which}IPv4 header length {ip.ihl * 4} / total length {ip.len} are broken: "
+                "the engine drops it as bad_ipv4_header")
+    return None
+
+
 def _inner_params(ip: Any) -> tuple[str, dict[str, object]]:
     """Summary and explain query of an IPv4 packet (scapy ``IP``) as its headers say it."""
     from scapy.layers.inet import TCP, UDP
@@ -526,10 +534,8 @@ def pcap_packets(path: str, limit: int, *, port: int = VXLAN_PORT,
             continue
         udp = ip.payload if ip.proto == 17 and not ip.frag else None
         if not isinstance(udp, UDP) or udp.dport != port:
-            if ip.len < ip.ihl * 4 or ip.ihl < 5:
-                out.append(PcapPacket(n, f"IPv4 {ip.src} > {ip.dst}", skip=(
-                    f"IPv4 header length {ip.ihl * 4} / total length {ip.len} are broken: "
-                    "the engine drops it as bad_ipv4_header")))
+            if (broken := _broken_ipv4(ip, "")) is not None:
+                out.append(PcapPacket(n, f"IPv4 {ip.src} > {ip.dst}", skip=broken))
                 continue
             what, params = _inner_params(ip)
             out.append(PcapPacket(n, what, params))
@@ -551,10 +557,8 @@ def pcap_packets(path: str, limit: int, *, port: int = VXLAN_PORT,
                 f"it carries {etype}, not IPv4: explain covers IPv4 packets (the engine "
                 "answers ARP requests for its own subnet itself)")))
             continue
-        if inner.len < inner.ihl * 4 or inner.ihl < 5:
-            out.append(PcapPacket(n, f"IPv4 {inner.src} > {inner.dst} ({where})", skip=(
-                f"inner IPv4 header length {inner.ihl * 4} / total length {inner.len} are "
-                "broken: the engine drops it as bad_ipv4_header")))
+        if (broken := _broken_ipv4(inner, "inner ")) is not None:
+            out.append(PcapPacket(n, f"IPv4 {inner.src} > {inner.dst} ({where})", skip=broken))
             continue
         what, params = _inner_params(inner)
         if not sent:

@@ -240,16 +240,10 @@ def flow_hash(packet: bytes | bytearray | memoryview, off: int = 0) -> int:
 
 
 def flow_lane(packet: bytes | bytearray | memoryview, off: int, lanes: int) -> int:
-    """The send lane (1..``lanes``) of the inner flow: ``1 + flow_hash % lanes``, with the
-    common case (a 20-byte IPv4 header) hashed from one slice: the per-packet cost."""
-    proto = packet[off + 9]
-    if proto in (IPPROTO_TCP, IPPROTO_UDP) and not ((packet[off + 6] & 0x3F) | packet[off + 7]):
-        ihl = (packet[off] & 0x0F) << 2
-        if ihl == 20:
-            return 1 + zlib.crc32(packet[off + 12:off + 24], proto) % lanes
-        return 1 + zlib.crc32(packet[off + ihl:off + ihl + 4],
-                              zlib.crc32(packet[off + 12:off + 20], proto)) % lanes
-    return 1 + zlib.crc32(packet[off + 12:off + 20], proto) % lanes
+    """The send lane (1..``lanes``) of the inner flow. The engine's tx loop inlines the
+    common case (unfragmented TCP/UDP, 20-byte header: one crc32 over bytes 12..24,
+    which equals :func:`flow_hash` there) and calls this for the rest."""
+    return 1 + flow_hash(packet, off) % lanes
 
 
 def flow_src_port(hash32: int, lo: int = SRC_PORT_MIN, hi: int = SRC_PORT_MAX) -> int:

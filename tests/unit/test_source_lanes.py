@@ -51,6 +51,15 @@ def tcp(sport: int, payload: int = 1398, seq: int = 1, flags: str = "A") -> byte
                                                               flags=flags) / (b"d" * payload))
 
 
+def queue_super_packet(tun: FakeTun, sport: int, payload: int) -> bytes:
+    """Queue a TSO super-packet (MSS 1000, the TCP checksum partial, as the TUN hands it)."""
+    big = bytearray(tcp(sport, payload=payload, flags="PA"))
+    struct.pack_into("!H", big, 36, pseudo_header_sum(big, 0, 6, len(big) - 20))
+    tun.queue_packet(bytes(big), vnet.VnetHdr(vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4, 0, 1000, 20,
+                                              16).pack())
+    return bytes(big)
+
+
 def inner_of(datagram: bytes) -> IP:
     inner: IP = Ether(datagram[8:])[IP]
     return inner
@@ -129,10 +138,7 @@ def test_a_flow_keeps_its_port_on_the_tunnel_gso_path_and_the_socket_path() -> N
     e, tun, udp = engine(lanes=8, offload=True)
     tap = FakeTunnel()
     e.attach_tunnel(tap)
-    big = bytearray(tcp(43210, payload=6000, flags="PA"))
-    struct.pack_into("!H", big, 36, pseudo_header_sum(big, 0, 6, len(big) - 20))
-    tun.queue_packet(bytes(big), vnet.VnetHdr(vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4, 0, 1000, 20,
-                                              16).pack())
+    big = queue_super_packet(tun, 43210, 6000)
     tun.queue_packet(tcp(43210, payload=0))  # its pure ACK: not GSO
     e.tun_readable()
     (head, inner), = tap.written
@@ -144,10 +150,7 @@ def test_a_flow_keeps_its_port_on_the_tunnel_gso_path_and_the_socket_path() -> N
 
 def test_the_userspace_split_sends_from_the_flow_lane() -> None:
     e, tun, udp = engine(lanes=3, offload=True)
-    big = bytearray(tcp(43999, payload=5000, flags="PA"))
-    struct.pack_into("!H", big, 36, pseudo_header_sum(big, 0, 6, len(big) - 20))
-    tun.queue_packet(bytes(big), vnet.VnetHdr(vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4, 0, 1000, 20,
-                                              16).pack())
+    big = queue_super_packet(tun, 43999, 5000)
     e.tun_readable()
     assert len(udp.sent) == 5
     assert {s.sport for s in udp.sent} == {40000 + wire.flow_lane(big, 0, 3)}
@@ -157,10 +160,7 @@ def test_without_lanes_everything_leaves_from_the_vxlan_port() -> None:
     e, tun, udp = engine(lanes=0, offload=True)
     tap = FakeTunnel()
     e.attach_tunnel(tap)
-    big = bytearray(tcp(43210, payload=6000, flags="PA"))
-    struct.pack_into("!H", big, 36, pseudo_header_sum(big, 0, 6, len(big) - 20))
-    tun.queue_packet(bytes(big), vnet.VnetHdr(vnet.F_NEEDS_CSUM, vnet.GSO_TCPV4, 0, 1000, 20,
-                                              16).pack())
+    queue_super_packet(tun, 43210, 6000)
     for sport in range(5):
         tun.queue_packet(tcp(44000 + sport))
     e.tun_readable()
