@@ -132,14 +132,23 @@ def setup_kernel_vxlan(pair: Pair) -> list[subprocess.Popen[Any]]:
 
 
 # ---- flannelette's userspace engine ---------------------------------------------------
+def _engine_help(tree: str | None = None) -> str:
+    """`flannelette engine --help` of this tree or of the checkout ``tree`` ("" if that
+    cannot run: the modes then fail at setup, with the reason)."""
+    try:
+        res = subprocess.run([sys.executable, "-m", "control.cli", "engine", "--help"],
+                             capture_output=True, text=True, timeout=30, cwd=tree)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return res.stdout
+
+
 def engine_options() -> dict[str, list[str]]:
     """The option axes the standalone engine offers (from its --help): loop, offload,
     batch, and UDP GSO/GRO without TUN offloads."""
     if importlib.util.find_spec("dataplane.standalone") is None:
         return {}
-    res = subprocess.run([sys.executable, "-m", "control.cli", "engine", "--help"],
-                         capture_output=True, text=True, timeout=30)
-    text = res.stdout
+    text = _engine_help()
     axes: dict[str, list[str]] = {}
     if "--loop" in text:
         axes["loop"] = [x for x in ("uvloop", "asyncio") if x in text]  # the default first
@@ -290,9 +299,12 @@ def all_modes() -> list[Mode]:
                                                                  "--workers", n]), True))
     tree = os.environ.get(BASELINE_ENV, "")
     if tree:  # the same engine modes from an older checkout, for before/after ratios
+        # The same path as the namesake here: an older tree that has tunnel GSO (auto by
+        # default) gets it turned off, as fl-uvloop-offload does; one without has none.
+        no_tunnel = ["--tunnel-gso", "off"] if "--tunnel-gso" in _engine_help(tree) else []
         for name, extra, partial in (("fl-uvloop", [], False),
-                                     ("fl-uvloop-offload", ["--offload", "on"], False),
-                                     ("fl-offload-partial", ["--offload", "on"], True)):
+                                     ("fl-uvloop-offload", ["--offload", "on", *no_tunnel], False),
+                                     ("fl-offload-partial", ["--offload", "on", *no_tunnel], True)):
             modes.append(Mode(f"base-{name}", f"{name} run from {tree} ({BASELINE_ENV})",
                               functools.partial(setup_engine, extra=extra,
                                                 flannelette_peer=partial, tree=tree), True))
